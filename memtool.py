@@ -1,0 +1,1938 @@
+#!/usr/bin/env python3
+"""memtool: a memcached-compatible key-value server that keeps its data.
+
+One file, standard library only, Python 3.9+. Copy it to a server and run:
+
+    python3 memtool.py serve                      # 127.0.0.1:11211, data in ./memtool-data
+    python3 memtool.py serve -p 11311 --data /var/lib/memtool --sync always
+
+Any memcached client (pymemcache, libmemcached's memccp/memccat, telnet)
+talks to it; every change goes to an append-only update log (ulog) before it
+is acknowledged, and to a dbm-style store on disk, so a restart or a crash
+loses nothing that was acknowledged (``--sync always``; see the README for
+what the other sync modes promise).
+
+Protocol (memcached 1.6 text protocol, ``doc/protocol.txt``):
+
+    storage    set add replace append prepend cas      <key> <flags> <exptime> <bytes> [noreply]
+    retrieval  get gets <key>*    gat gats <exptime> <key>*
+    other      delete incr decr touch flush_all version verbosity stats quit shutdown
+    errors     ERROR | CLIENT_ERROR <why> | SERVER_ERROR <why>
+
+A telnet session:
+
+    $ telnet 127.0.0.1 11211
+    set greeting 0 0 5
+    hello
+    STORED
+    get greeting
+    VALUE greeting 0 5
+    hello
+    END
+
+File formats (under ``--data``):
+
+    store.sqlite3   SQLite, the table of Python 3.13's dbm.sqlite3:
+                    Dict(key BLOB UNIQUE NOT NULL, value BLOB NOT NULL);
+                    value = <flags u32><exptime i64><cas u64> little-endian + data
+    store.<engine>  the same key/value pairs in a dbm.gnu/ndbm/dumb file
+    ulog/*.ulog     the update log; record format in section 6
+
+Contents (``grep -n '^# =====' memtool.py``):
+
+    1. Constants and limits
+    2. Errors
+    3. Protocol codec
+    4. Storage
+    5. Update log
+    6. Event loop and connections
+    7. Server
+    8. CLI
+"""
+
+import argparse
+import collections
+import dbm.dumb
+import heapq
+import importlib
+import itertools
+import json
+import logging
+import os
+import re
+import selectors
+import signal
+import socket
+import sqlite3
+import struct
+import sys
+import threading
+import time
+import zlib
+
+__version__ = "0.1.0"
+
+# ===== 1. Constants and limits ===============================================
+
+MEMCACHED_VERSION = b"1.6.18"       # the protocol level we answer to
+VERSION_STRING = MEMCACHED_VERSION + b"-memtool-" + __version__.encode()
+DEFAULT_PORT = 11211
+DEFAULT_HOST = "127.0.0.1"          # never all interfaces unless asked
+DEFAULT_DATA_DIR = "./memtool-data"
+
+KEY_MAX_LENGTH = 250                # memcached KEY_MAX_LENGTH
+LINE_MAX_BYTES = 2048               # no newline after this many bytes: drop the client
+MULTIGET_LINE_MAX_BYTES = 1 << 20   # our bound on a long get line (memcached has none)
+ITEM_SIZE_MAX_DEFAULT = 1 << 20     # -I
+ITEM_HEADER_BYTES = 59              # memcached's per-item overhead counted against -I:
+                                    # 48-byte header + key NUL + "\r\n" + 8-byte cas
+VALUE_LENGTH_MAX = 2 ** 31 - 3      # memcached refuses vlen > INT_MAX - 2
+REALTIME_MAXDELTA = 30 * 24 * 3600  # exptime above this is a unix time, not seconds
+MAX_CONNS_DEFAULT = 1024            # -c
+MEMORY_LIMIT_MB_DEFAULT = 64        # -m: memory engine limit / disk engines' read cache
+ULOG_LIMIT_DEFAULT = 64 << 20       # --ulog-limit: rotate the update log at this size
+ULOG_KEEP_DEFAULT = 4               # rotated ulog files kept for recovery and peers
+
+RECV_BYTES = 65536                  # 128 KiB+ makes glibc mmap/munmap on every recv
+OUTPUT_HIGH_WATER = 4 << 20         # stop reading a client that does not read its replies
+SWEEP_INTERVAL_SECONDS = 1.0        # background expiry sweep: one bounded step per interval
+SWEEP_STEP_ITEMS = 500
+CHECKPOINT_SECONDS = 1.0            # dbm engines sync at most this often (the ulog covers the gap)
+UINT32_MASK = 0xFFFFFFFF
+UINT64_MASK = 0xFFFFFFFFFFFFFFFF
+
+# Reply lines, defined once.
+STORED = b"STORED\r\n"
+NOT_STORED = b"NOT_STORED\r\n"
+EXISTS = b"EXISTS\r\n"
+NOT_FOUND = b"NOT_FOUND\r\n"
+DELETED = b"DELETED\r\n"
+TOUCHED = b"TOUCHED\r\n"
+END = b"END\r\n"
+OK = b"OK\r\n"
+RESET = b"RESET\r\n"
+CRLF = b"\r\n"
+NOREPLY = b"noreply"
+
+log = logging.getLogger("memtool")
+
+
+def now():
+    """Current unix time in seconds (float); the one clock everything reads."""
+    return time.time()
+
+
+def parse_size(text):
+    """'1m' -> 1048576, '512k' -> 524288, '100' -> 100 bytes (memcached -I style).
+
+    Raises ValueError for anything else, including sizes below 1.
+    """
+    text = text.strip().lower()
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:], 1)
+    number = int(text[:-1] if scale != 1 else text)
+    if number < 1:
+        raise ValueError(f"size must be positive: {text!r}")
+    return number * scale
+
+
+# ===== 2. Errors =============================================================
+
+class MemtoolError(Exception):
+    """Root of memtool's own errors."""
+
+
+class ProtocolError(MemtoolError):
+    """A request the protocol refuses; `line` is the exact reply (with CRLF)."""
+
+    line = b"ERROR\r\n"
+
+    def __init__(self, message=None):
+        if message is not None:
+            self.line = message + CRLF
+        super().__init__(self.line.decode("latin-1").strip())
+
+
+class UnknownCommand(ProtocolError):
+    """Unknown command or wrong token count: memcached's bare `ERROR`."""
+
+
+class ClientError(ProtocolError):
+    """`CLIENT_ERROR <why>`: the client sent something malformed."""
+
+    def __init__(self, why=b"bad command line format"):
+        super().__init__(b"CLIENT_ERROR " + why)
+
+
+class ServerError(ProtocolError):
+    """`SERVER_ERROR <why>`: a well-formed request the server cannot do."""
+
+    def __init__(self, why):
+        super().__init__(b"SERVER_ERROR " + why)
+
+
+class Disconnect(MemtoolError):
+    """Drop the client without a reply (memcached's 'nuke the connection')."""
+
+
+class LogCorrupt(MemtoolError):
+    """An update-log record failed its length or crc32 check."""
+
+
+class ConfigError(MemtoolError):
+    """A setting or data directory that cannot work; the CLI prints it and exits 1."""
+
+
+# ===== 3. Protocol codec =====================================================
+#
+# Pure functions from bytes to values, no I/O. Numbers parse as memcached's
+# safe_strtoul/safe_strtol do (util.c): leading whitespace and a sign are
+# allowed, the digits must end the token or be followed by whitespace, and
+# the result is truncated to the C type memcached stores it in.
+
+_NUMBER = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)(?:[ \t\n\v\f\r\0]|$)")
+BAD_FORMAT = ClientError()
+INVALID_EXPTIME = ClientError(b"invalid exptime argument")
+INVALID_DELTA = ClientError(b"invalid numeric delta argument")
+NON_NUMERIC_VALUE = ClientError(b"cannot increment or decrement non-numeric value")
+BAD_DATA_CHUNK = ClientError(b"bad data chunk")
+TOO_LARGE = ServerError(b"object too large for cache")
+DELETE_USAGE = ClientError(b"bad command line format.  Usage: delete <key> [noreply]")
+
+
+def _strto(text):
+    """(negative, digits) of a strtol-style number, or None when it is not one."""
+    match = _NUMBER.match(text)
+    if match is None:
+        return None
+    return match.group(1) == b"-", int(match.group(2))
+
+
+def parse_uint64(text):
+    """strtoull as memcached's safe_strtoull uses it: int in [0, 2**64), or None.
+
+    A minus sign is refused unless the value is still below 2**63 after C's
+    negation ('-0' is 0), exactly as memcached checks it.
+    """
+    if text.isdigit():
+        value = int(text)
+        return value if value <= UINT64_MASK else None
+    parsed = _strto(text)
+    if parsed is None or parsed[1] > UINT64_MASK:
+        return None
+    negative, value = parsed
+    if negative:
+        value = -value & UINT64_MASK
+        if value >= 1 << 63:
+            return None
+    return value
+
+
+def parse_int32(text):
+    """strtol into memcached's int32: None on junk or 64-bit overflow, else wrapped."""
+    if text.isdigit():
+        value = int(text)
+    else:
+        parsed = _strto(text)
+        if parsed is None:
+            return None
+        value = -parsed[1] if parsed[0] else parsed[1]
+    if not -(1 << 63) <= value < 1 << 63:
+        return None
+    return (value + (1 << 31) & UINT32_MASK) - (1 << 31)
+
+
+def parse_flags(text):
+    """Client flags: parsed as unsigned 64-bit, kept as 32 (memcached 1.6.18)."""
+    value = parse_uint64(text)
+    return None if value is None else value & UINT32_MASK
+
+
+def split_command(line):
+    """Tokens of one command line (without its newline).
+
+    memcached splits on spaces only (a tab is a key byte), ignores runs of
+    spaces, strips one CR before the newline and stops at a NUL byte.
+    """
+    if line[-1:] == b"\r":
+        line = line[:-1]
+    nul = line.find(b"\0")
+    if nul >= 0:
+        line = line[:nul]
+    tokens = line.split(b" ")
+    if b"" in tokens:
+        tokens = [t for t in tokens if t]
+    return tokens
+
+
+def is_long_get(buf, pos):
+    """True when an unterminated line at `pos` may be a large multiget."""
+    start = pos
+    while buf[pos:pos + 1] == b" ":
+        pos += 1
+    return pos - start <= 100 and (buf.startswith(b"get ", pos) or buf.startswith(b"gets ", pos))
+
+
+def parse_storage(tokens, with_cas):
+    """Parse `<cmd> <key> <flags> <exptime> <bytes> [<cas unique>] [noreply]`.
+
+    Returns (key, flags, exptime, nbytes, cas_unique); exptime is the raw
+    protocol value (see Store.absolute). Raises BAD_FORMAT as memcached's
+    process_update_command does, checking in its order: key, numbers, length.
+    """
+    key = tokens[1]
+    if len(key) > KEY_MAX_LENGTH:
+        raise BAD_FORMAT
+    flags = parse_flags(tokens[2])
+    exptime = parse_int32(tokens[3])
+    nbytes = parse_int32(tokens[4])
+    if flags is None or exptime is None or nbytes is None:
+        raise BAD_FORMAT
+    cas_unique = 0
+    if with_cas:
+        cas_unique = parse_uint64(tokens[5])
+        if cas_unique is None:
+            raise BAD_FORMAT
+    if not 0 <= nbytes <= VALUE_LENGTH_MAX:
+        raise BAD_FORMAT
+    return key, flags, exptime, nbytes, cas_unique
+
+
+def item_size_ok(key, flags, nbytes, item_size_max):
+    """memcached's item_size_ok: does the item fit under -I (flags cost 4 bytes)?"""
+    return ITEM_HEADER_BYTES + len(key) + nbytes + (4 if flags else 0) <= item_size_max
+
+
+def encode_value(key, flags, data, cas_unique=None):
+    """One `VALUE <key> <flags> <bytes> [<cas unique>]\\r\\n<data>\\r\\n` block."""
+    if cas_unique is None:
+        return b"VALUE %b %d %d\r\n%b\r\n" % (key, flags, len(data), data)
+    return b"VALUE %b %d %d %d\r\n%b\r\n" % (key, flags, len(data), cas_unique, data)
+
+
+def encode_stats(pairs):
+    """`STAT <name> <value>` lines then END, from (name, value) pairs."""
+    lines = [b"STAT %s %s\r\n" % (name.encode(), str(value).encode()) for name, value in pairs]
+    lines.append(END)
+    return b"".join(lines)
+
+
+# ===== 4. Storage ============================================================
+#
+# Store is the item model (expiry, cas, flush_all, LRU) over an engine, the
+# store of record on disk. Every change is handed to `journal` (the update
+# log, section 5) as an *effect* record before it is applied:
+#
+#     OP_SET    key flags exptime cas value   (set/add/replace/cas, and the
+#                                              result of append/prepend/incr/decr)
+#     OP_DELETE key
+#     OP_TOUCH  key exptime
+#     OP_FLUSH  exptime=deadline cas=threshold
+#
+# Effects rather than commands: replaying a record twice gives the same
+# state, so a dbm engine (no transactions) may lag the log safely, and a
+# replica applies exactly what the origin stored. exptime in a record is
+# always absolute (0 = never). Store methods return status constants; only
+# the server turns them into reply lines.
+
+OP_SET, OP_DELETE, OP_TOUCH, OP_FLUSH = 1, 2, 3, 4
+ST_STORED, ST_NOT_STORED, ST_EXISTS, ST_NOT_FOUND, ST_DELETED, ST_NON_NUMERIC = range(6)
+
+RECORD_HEADER = struct.Struct("<IqQ")   # flags, exptime, cas unique: before the data
+META_KEY = b"memtool:meta:" + b"." * KEY_MAX_LENGTH  # longer than any client key
+CACHE_ITEM_OVERHEAD = 120               # rough bytes of Python objects per cached item
+ENGINES = ("sqlite", "gnu", "ndbm", "dumb", "memory")
+
+
+class Item:
+    """One item: flags (u32), exptime (absolute unix seconds, 0 = never), cas unique (u64).
+
+    `rendered` is the exact `get` reply block for it, built once when it is
+    stored, because formatting on every get costs more than the memory.
+    """
+
+    __slots__ = ("flags", "exptime", "cas", "rendered", "vstart")
+
+    def __init__(self, key, flags, exptime, cas, value):
+        self.flags = flags
+        self.exptime = exptime
+        self.cas = cas
+        self.rendered = encode_value(key, flags, value)
+        self.vstart = len(self.rendered) - len(value) - 2
+
+    @property
+    def value(self):
+        return self.rendered[self.vstart:-2]
+
+    @property
+    def nbytes(self):
+        return len(self.rendered) - self.vstart - 2
+
+    def render_with_cas(self):
+        """The `gets` block: the `get` block with the cas unique in its header."""
+        return b"%b %d\r\n%b" % (self.rendered[:self.vstart - 2], self.cas,
+                                 self.rendered[self.vstart:])
+
+    def record(self):
+        """The bytes stored on disk: RECORD_HEADER then the data."""
+        return RECORD_HEADER.pack(self.flags, self.exptime, self.cas) + self.value
+
+    @classmethod
+    def from_record(cls, key, record):
+        flags, exptime, cas = RECORD_HEADER.unpack_from(record)
+        return cls(key, flags, exptime, cas, record[RECORD_HEADER.size:])
+
+
+class SqliteEngine:
+    """The default store: SQLite with Python 3.13's dbm.sqlite3 table.
+
+    One transaction per loop pass (opened by the first write, closed by
+    commit()), WAL with synchronous=NORMAL: a commit does not fsync, because
+    the update log is the durable record and replays what a crash lost.
+    """
+
+    def __init__(self, path):
+        self.path = path + ".sqlite3"
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode = wal")
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS Dict ("
+                        "key BLOB UNIQUE NOT NULL, value BLOB NOT NULL)")
+        self.in_transaction = False  # a BEGIN is open since the last commit()
+
+    def get(self, key):
+        row = self.db.execute("SELECT value FROM Dict WHERE key = CAST(? AS BLOB)",
+                              (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def size(self, key):
+        row = self.db.execute("SELECT length(value) FROM Dict WHERE key = CAST(? AS BLOB)",
+                              (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def put(self, key, value):
+        self._begin()
+        self.db.execute("REPLACE INTO Dict (key, value) VALUES (CAST(? AS BLOB), CAST(? AS BLOB))",
+                        (key, value))
+
+    def delete(self, key):
+        self._begin()
+        self.db.execute("DELETE FROM Dict WHERE key = CAST(? AS BLOB)", (key,))
+
+    def commit(self, force=False):
+        if self.in_transaction:
+            self.db.execute("COMMIT")
+            self.in_transaction = False
+
+    def scan(self, after, limit):
+        """Up to `limit` (key, record header) pairs with key > after, in key order."""
+        return self.db.execute(
+            "SELECT key, substr(value, 1, ?) FROM Dict WHERE key > CAST(? AS BLOB) "
+            "ORDER BY key LIMIT ?", (RECORD_HEADER.size, after, limit)).fetchall()
+
+    def count(self):
+        """(number of pairs, bytes of keys and values), the meta row included."""
+        n, total = self.db.execute(
+            "SELECT COUNT(*), SUM(length(key) + length(value)) FROM Dict").fetchone()
+        return n, total or 0
+
+    def close(self):
+        self.commit()
+        self.db.close()
+
+    def _begin(self):
+        if not self.in_transaction:
+            self.db.execute("BEGIN")
+            self.in_transaction = True
+
+
+class DbmEngine:
+    """A dbm.gnu, dbm.ndbm or dbm.dumb file as the store.
+
+    dbm has no transactions and its sync is costly (dbm.dumb rewrites its
+    whole index), so commit() syncs at most every CHECKPOINT_SECONDS; the
+    meta record inside the file says how far the log was applied, and
+    replaying effects from there is idempotent.
+    """
+
+    def __init__(self, path, module_name):
+        module = importlib.import_module("dbm." + module_name)
+        self.path = f"{path}.{module_name}"
+        self.db = module.open(self.path, "c")
+        self.synced_at = now()   # last sync, for the checkpoint interval
+        self.scan_keys = None    # sorted key snapshot the sweep walks through
+
+    def get(self, key):
+        return self.db.get(key)
+
+    def size(self, key):
+        value = self.db.get(key)
+        return None if value is None else len(value)
+
+    def put(self, key, value):
+        self.db[key] = value
+
+    def delete(self, key):
+        try:
+            del self.db[key]
+        except KeyError:
+            pass
+
+    def commit(self, force=False):
+        sync = getattr(self.db, "sync", None)
+        if sync is not None and (force or now() - self.synced_at >= CHECKPOINT_SECONDS):
+            sync()
+            self.synced_at = now()
+
+    def scan(self, after, limit):
+        if not after or self.scan_keys is None:
+            self.scan_keys = sorted(self.db.keys())
+        keys = self.scan_keys
+        lo, hi = 0, len(keys)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if keys[mid] <= after:
+                lo = mid + 1
+            else:
+                hi = mid
+        rows = []
+        for key in keys[lo:lo + limit]:
+            value = self.db.get(key)
+            if value is not None:
+                rows.append((key, value[:RECORD_HEADER.size]))
+        return rows
+
+    def count(self):
+        n = total = 0
+        for key in self.db.keys():
+            n += 1
+            total += len(key) + len(self.db[key])
+        return n, total
+
+    def close(self):
+        self.db.close()
+
+
+def open_engine(name, data_dir):
+    """The engine called `name` (one of ENGINES) storing under data_dir/store.*.
+
+    Returns None for 'memory'. Raises ConfigError when the dbm module behind
+    the name is missing from this Python, naming the engines that are there.
+    """
+    if name == "memory":
+        return None
+    base = os.path.join(data_dir, "store")
+    if name == "sqlite":
+        return SqliteEngine(base)
+    try:
+        return DbmEngine(base, name)
+    except ImportError:
+        raise ConfigError(f"engine {name!r} needs dbm.{name}, which this Python lacks; "
+                          f"available engines: {', '.join(available_engines())}") from None
+
+
+def available_engines():
+    """The ENGINES whose modules import on this Python."""
+    names = []
+    for name in ENGINES:
+        if name in ("gnu", "ndbm"):
+            try:
+                importlib.import_module("dbm." + name)
+            except ImportError:
+                continue
+        names.append(name)
+    return names
+
+
+class Store:
+    """Items with memcached semantics over an engine (None = memory only).
+
+    memory_limit: bytes. For the memory engine it bounds the items (least
+    recently used are evicted, counted in `evictions`); for disk engines it
+    bounds the read cache in front of the engine. item_size_max: bytes, as
+    memcached -I. journal(op, key, flags, exptime, cas, value) receives each
+    effect before it is applied. `now` is the store's clock (unix seconds):
+    the server sets it once per loop pass with tick(), replay sets it to each
+    record's time.
+    """
+
+    def __init__(self, engine=None, memory_limit=MEMORY_LIMIT_MB_DEFAULT << 20,
+                 item_size_max=ITEM_SIZE_MAX_DEFAULT, journal=None):
+        self.engine = engine                  # store of record, or None
+        self.memory_limit = memory_limit      # bytes for cached/held items
+        self.item_size_max = item_size_max    # -I, bytes
+        self.journal = journal                # effect sink (the update log) or None
+        self.cache = collections.OrderedDict()  # key -> Item, least recent first
+        self.cache_bytes = 0                  # estimated memory of `cache`
+        self.now = now()                      # unix seconds, set by tick()
+        self.counters = dict.fromkeys(        # memcached stats names
+            ("get_expired", "get_flushed", "evictions", "reclaimed", "total_items"), 0)
+        meta = {}
+        self.curr_items = self.bytes = 0      # items on disk (or held) and their bytes
+        if engine is not None:
+            raw = engine.get(META_KEY)
+            meta = json.loads(raw) if raw else {}
+            self.curr_items, self.bytes = engine.count()
+            if raw:
+                self.curr_items -= 1
+                self.bytes -= len(META_KEY) + len(raw)
+        self.last_cas = meta.get("cas", 0)    # last cas unique handed out
+        self.flush_cas = meta.get("flush_cas", 0)  # items with a smaller cas are flushed
+        self.flush_deadline = meta.get("flush_deadline", 0)  # pending delayed flush_all
+        self.log_position = meta.get("ulog")  # [file name, offset] applied so far
+        self.sweep_after = b""                # sweep cursor: last key checked
+        self.dirty = False                    # changed since the last commit()
+
+    # -- reads ---------------------------------------------------------------
+
+    def get(self, key):
+        """The live Item for key, or None (expired and flushed items vanish here)."""
+        item = self.cache.get(key)
+        if item is None:
+            return self._load(key)
+        if (item.exptime and item.exptime <= self.now) or item.cas < self.flush_cas:
+            self._reap(key, item)
+            return None
+        self.cache.move_to_end(key)
+        return item
+
+    # -- storage commands ----------------------------------------------------
+
+    def set(self, key, flags, exptime, value):
+        self._write(key, flags, self.absolute(exptime), value, self._present_size(key))
+        return ST_STORED
+
+    def add(self, key, flags, exptime, value):
+        if self.get(key) is not None:
+            return ST_NOT_STORED
+        self._write(key, flags, self.absolute(exptime), value, None)
+        return ST_STORED
+
+    def replace(self, key, flags, exptime, value):
+        old = self.get(key)
+        if old is None:
+            return ST_NOT_STORED
+        self._write(key, flags, self.absolute(exptime), value, self._size(key, old))
+        return ST_STORED
+
+    def append(self, key, flags, exptime, value):
+        """Add value after the item's data; flags and exptime are ignored (memcached)."""
+        return self._concat(key, value, True)
+
+    def prepend(self, key, flags, exptime, value):
+        """Add value before the item's data; flags and exptime are ignored (memcached)."""
+        return self._concat(key, value, False)
+
+    def cas(self, key, flags, exptime, value, cas_unique):
+        old = self.get(key)
+        if old is None:
+            return ST_NOT_FOUND
+        if old.cas != cas_unique:
+            return ST_EXISTS
+        self._write(key, flags, self.absolute(exptime), value, self._size(key, old))
+        return ST_STORED
+
+    def delete(self, key):
+        old = self.get(key)
+        if old is None:
+            return ST_NOT_FOUND
+        self._journal(OP_DELETE, key, 0, 0, 0, b"")
+        self._remove(key, self._size(key, old))
+        return ST_DELETED
+
+    def incr(self, key, delta, incr=True):
+        """(status, new value): ST_STORED, ST_NOT_FOUND or ST_NON_NUMERIC.
+
+        incr wraps at 2**64, decr stops at 0. A result no longer than the old
+        value is right-padded with spaces to its length, as memcached's
+        in-place update leaves it.
+        """
+        old = self.get(key)
+        if old is None:
+            return ST_NOT_FOUND, 0
+        data = old.value
+        current = parse_uint64(data) if data else None
+        if current is None:
+            return ST_NON_NUMERIC, 0
+        result = (current + delta) & UINT64_MASK if incr else max(current - delta, 0)
+        digits = b"%d" % result
+        if len(digits) <= len(data):
+            digits = digits.ljust(len(data))
+        self._write(key, old.flags, old.exptime, digits, self._size(key, old))
+        return ST_STORED, result
+
+    def touch(self, key, exptime):
+        """The item with its new exptime, or None when absent."""
+        item = self.get(key)
+        if item is not None:
+            self._journal(OP_TOUCH, key, 0, self.absolute(exptime), 0, b"")
+            self._retime(key, item, self.absolute(exptime))
+        return item
+
+    def flush_all(self, delay=0):
+        """Invalidate every item now (delay <= 0) or at a deadline (exptime rules).
+
+        Items stored up to the deadline die; a later flush_all replaces a
+        pending one (memcached keeps a single oldest_live).
+        """
+        deadline = self.absolute(delay) if delay > 0 else 0
+        self._journal(OP_FLUSH, b"", 0, deadline, self.last_cas + 1, b"")
+        self._flush(deadline, self.last_cas + 1)
+
+    def absolute(self, exptime):
+        """Protocol exptime -> absolute unix seconds (0 = never).
+
+        exptime: seconds if <= 30 days, unix time above; negative means
+        already expired (memcached's realtime()).
+        """
+        if exptime == 0:
+            return 0
+        if exptime < 0:
+            return 1
+        if exptime > REALTIME_MAXDELTA:
+            return exptime
+        return int(self.now) + exptime
+
+    # -- housekeeping --------------------------------------------------------
+
+    def tick(self, when):
+        """Advance the clock; a delayed flush_all whose deadline passed takes effect."""
+        self.now = when
+        if self.flush_deadline and when >= self.flush_deadline:
+            self._flush(0, self.last_cas + 1)
+
+    def sweep(self, limit=SWEEP_STEP_ITEMS):
+        """Remove up to `limit` expired or flushed items from disk; a bounded step."""
+        if self.engine is None:
+            return 0
+        rows = self.engine.scan(self.sweep_after, limit)
+        self.sweep_after = rows[-1][0] if len(rows) == limit else b""
+        reaped = 0
+        for key, header in rows:
+            if len(key) > KEY_MAX_LENGTH:
+                continue
+            flags, exptime, cas = RECORD_HEADER.unpack(header)
+            if (exptime and exptime <= self.now) or cas < self.flush_cas:
+                self._remove(key, len(key) + self.engine.size(key))
+                reaped += 1
+        self.counters["reclaimed"] += reaped
+        return reaped
+
+    def commit(self, log_position=None, force=False):
+        """End of a batch: record how far the log is applied, commit the engine."""
+        if self.engine is None or not (self.dirty or force):
+            return
+        self.dirty = False
+        if log_position is not None:
+            self.log_position = log_position
+        meta = {"cas": self.last_cas, "flush_cas": self.flush_cas,
+                "flush_deadline": self.flush_deadline, "ulog": self.log_position}
+        self.engine.put(META_KEY, json.dumps(meta).encode())
+        self.engine.commit(force)
+
+    def apply(self, op, key, flags, exptime, cas, value):
+        """Apply one effect record (replay, replication); the inverse of journal."""
+        if cas > self.last_cas:
+            self.last_cas = cas
+        if op == OP_SET:
+            self._write(key, flags, exptime, value, self._present_size(key), cas)
+        elif op == OP_DELETE:
+            size = self._present_size(key)
+            if size is not None:
+                self._remove(key, size)
+        elif op == OP_TOUCH:
+            item = self.get(key)
+            if item is not None:
+                self._retime(key, item, exptime)
+        elif op == OP_FLUSH:
+            self._flush(exptime, cas)
+
+    def close(self):
+        if self.engine is not None:
+            self.commit(force=True)
+            self.engine.close()
+
+    # -- internals -----------------------------------------------------------
+
+    def _journal(self, *record):
+        if self.journal is not None:
+            self.journal(*record)
+
+    def _next_cas(self):
+        self.last_cas += 1
+        return self.last_cas
+
+    def _flush(self, deadline, threshold):
+        self.dirty = True
+        if deadline and deadline > self.now:
+            self.flush_deadline = deadline
+        else:
+            self.flush_cas = max(self.flush_cas, threshold)
+            self.flush_deadline = 0
+
+    def _retime(self, key, item, exptime):
+        item.exptime = exptime
+        self._persist(key, item)
+
+    def _persist(self, key, item):
+        self.dirty = True
+        if self.engine is not None:
+            self.engine.put(key, item.record())
+
+    def _unpersist(self, key):
+        self.dirty = True
+        if self.engine is not None:
+            self.engine.delete(key)
+
+    def _load(self, key):
+        if self.engine is None:
+            return None
+        record = self.engine.get(key)
+        if record is None:
+            return None
+        item = Item.from_record(key, record)
+        if (item.exptime and item.exptime <= self.now) or item.cas < self.flush_cas:
+            self._count_reap(item)
+            self._remove(key, len(key) + len(record))
+            return None
+        self._cache_put(key, item)
+        return item
+
+    def _reap(self, key, item):
+        self._count_reap(item)
+        self._remove(key, self._size(key, item))
+
+    def _count_reap(self, item):
+        if item.cas < self.flush_cas:
+            self.counters["get_flushed"] += 1
+        else:
+            self.counters["get_expired"] += 1
+
+    def _concat(self, key, value, at_end):
+        old = self.get(key)
+        if old is None:
+            return ST_NOT_STORED
+        data = old.value + value if at_end else value + old.value
+        if not item_size_ok(key, old.flags, len(data), self.item_size_max):
+            return ST_NOT_STORED
+        self._write(key, old.flags, old.exptime, data, self._size(key, old))
+        return ST_STORED
+
+    def _write(self, key, flags, exptime, value, old_size, cas=None):
+        """Store a new item; old_size is the replaced one's size, None if there was none.
+
+        Without `cas` this is a new change: it gets the next cas unique and is
+        journaled. With one it is a record being applied.
+        """
+        if cas is None:
+            cas = self._next_cas()
+            self._journal(OP_SET, key, flags, exptime, cas, value)
+        item = Item(key, flags, exptime, cas, value)
+        if old_size is None:
+            self.curr_items += 1
+        else:
+            self.bytes -= old_size
+        self.bytes += self._size(key, item)
+        self.counters["total_items"] += 1
+        self._cache_put(key, item)
+        self._persist(key, item)
+
+    def _remove(self, key, size):
+        item = self.cache.pop(key, None)
+        if item is not None:
+            self.cache_bytes -= self._footprint(key, item)
+        self._unpersist(key)
+        self.curr_items -= 1
+        self.bytes -= size
+
+    def _present_size(self, key):
+        """Size of whatever is stored under key, live or not; None when nothing is."""
+        item = self.cache.get(key)
+        if item is not None:
+            return self._size(key, item)
+        if self.engine is None:
+            return None
+        size = self.engine.size(key)
+        return None if size is None else len(key) + size
+
+    @staticmethod
+    def _size(key, item):
+        """An item's bytes as `stats bytes` counts them: key + record header + data."""
+        return len(key) + RECORD_HEADER.size + item.nbytes
+
+    @staticmethod
+    def _footprint(key, item):
+        return len(key) + len(item.rendered) + CACHE_ITEM_OVERHEAD
+
+    def _cache_put(self, key, item):
+        old = self.cache.pop(key, None)
+        if old is not None:
+            self.cache_bytes -= self._footprint(key, old)
+        self.cache[key] = item
+        self.cache_bytes += self._footprint(key, item)
+        while self.cache_bytes > self.memory_limit and len(self.cache) > 1:
+            victim_key, victim = self.cache.popitem(last=False)
+            self.cache_bytes -= self._footprint(victim_key, victim)
+            if self.engine is None:
+                self.curr_items -= 1
+                self.bytes -= self._size(victim_key, victim)
+                self.counters["evictions"] += 1
+
+
+# ===== 5. Update log =========================================================
+#
+# The ulog is a directory of append-only files, ulog/<µs timestamp>.ulog,
+# each named by the time it was started, so names sort in write order and a
+# reader can seek by time (Tokyo Tyrant's ulog, with rts in microseconds).
+# A file is a sequence of records, all integers little-endian:
+#
+#     magic    u8    0xC9
+#     length   u32   bytes of the body
+#     crc32    u32   zlib.crc32 of the body
+#     body:
+#       ts       u64   microseconds since the epoch, strictly increasing
+#       sid      u32   server id of the origin (--sid)
+#       op       u8    OP_SET=1 OP_DELETE=2 OP_TOUCH=3 OP_FLUSH=4 (section 4)
+#       flags    u32
+#       exptime  i64   absolute unix seconds, 0 = never
+#       cas      u64   cas unique (OP_FLUSH: items below it are flushed)
+#       keylen   u16
+#       key      keylen bytes
+#       value    the rest of the body
+#
+# A crash can tear only the tail of the newest file: recovery stops at the
+# first record whose magic, length or crc32 is wrong and cuts the file there.
+# Records of one loop pass are written with one write(); --sync decides when
+# they reach the disk: always (fsync before any reply leaves), everysec (a
+# timer), no (the OS decides).
+
+ULOG_MAGIC = 0xC9
+ULOG_FRAME = struct.Struct("<BII")
+ULOG_BODY = struct.Struct("<QIBIqQH")
+ULOG_SUFFIX = ".ulog"
+SYNC_MODES = ("always", "everysec", "no")
+
+
+class UpdateLog:
+    """Writer and reader of the ulog directory.
+
+    directory: where the .ulog files live (created). sid: this server's id,
+    stamped on every record. sync: one of SYNC_MODES. limit: bytes after
+    which a new file is started. keep: rotated files kept besides the
+    current one. Positions are [file name, byte offset] lists (JSON-friendly).
+    """
+
+    def __init__(self, directory, sid=1, sync="everysec", limit=ULOG_LIMIT_DEFAULT,
+                 keep=ULOG_KEEP_DEFAULT):
+        os.makedirs(directory, exist_ok=True)
+        self.directory = directory   # holds the .ulog files
+        self.sid = sid               # origin id stamped on our records
+        self.sync_mode = sync        # always | everysec | no
+        self.limit = limit           # rotate when the current file reaches this
+        self.keep = keep             # rotated files to keep
+        self.pending = []            # encoded records of the current batch
+        self.last_ts = 0             # keeps timestamps strictly increasing
+        self.unsynced = False        # written since the last fsync
+        self.file = None             # current file, opened by _open_current()
+        self.name = None             # its name
+        self.offset = 0              # its size: where the next record goes
+
+    def names(self):
+        """The ulog file names, oldest first."""
+        return sorted(n for n in os.listdir(self.directory) if n.endswith(ULOG_SUFFIX))
+
+    def replay(self, position=None):
+        """Yield (ts, sid, op, key, flags, exptime, cas, value) after `position`.
+
+        Call once, before appending. position None (or a file that is gone)
+        replays every kept file. A bad record in the newest file is cut off
+        there; in an older file the rest of that file is skipped with a
+        warning. Afterwards the newest file is open for appending.
+        """
+        names = self.names()
+        start_name, start_offset = position or (None, 0)
+        if start_name not in names:
+            start_name, start_offset = None, 0
+        for name in names:
+            if start_name is not None and name < start_name:
+                continue
+            offset = start_offset if name == start_name else 0
+            for record in self._read_file(name, offset, newest=name == names[-1]):
+                self.last_ts = max(self.last_ts, record[0])
+                yield record
+        self._open_current(names[-1] if names else None)
+
+    def append(self, op, key, flags, exptime, cas, value):
+        """Queue one record for this batch (written by flush())."""
+        ts = int(time.time() * 1e6)
+        if ts <= self.last_ts:
+            ts = self.last_ts + 1
+        self.last_ts = ts
+        body = b"".join((ULOG_BODY.pack(ts, self.sid, op, flags, exptime, cas, len(key)),
+                         key, value))
+        self.pending.append(ULOG_FRAME.pack(ULOG_MAGIC, len(body), zlib.crc32(body)))
+        self.pending.append(body)
+
+    def flush(self):
+        """Write the batch with one write(); fsync under --sync always; rotate."""
+        if not self.pending:
+            return
+        data = b"".join(self.pending)
+        self.pending.clear()
+        self.file.write(data)
+        self.file.flush()
+        self.offset += len(data)
+        self.unsynced = True
+        if self.sync_mode == "always":
+            self.sync()
+        if self.offset >= self.limit:
+            self._rotate()
+
+    def sync(self):
+        """fsync the current file if anything was written since the last one."""
+        if self.unsynced and self.file is not None:
+            os.fsync(self.file.fileno())
+            self.unsynced = False
+
+    @property
+    def position(self):
+        """[file name, offset] just past the last record written."""
+        return [self.name, self.offset]
+
+    def close(self):
+        if self.file is not None:
+            self.flush()
+            self.sync()
+            self.file.close()
+            self.file = None
+
+    def _read_file(self, name, offset, newest):
+        path = os.path.join(self.directory, name)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+        pos = 0
+        try:
+            for pos, record in self._parse(data):
+                yield record
+            pos = len(data)
+        except LogCorrupt as err:
+            if not newest:
+                log.warning("ulog %s: %s at offset %d; skipping the rest of the file",
+                            name, err, offset + pos)
+                return
+            log.warning("ulog %s: %s at offset %d; cutting the torn tail (%d bytes)",
+                        name, err, offset + pos, len(data) - pos)
+            with open(path, "r+b") as f:
+                f.truncate(offset + pos)
+
+    @staticmethod
+    def _parse(data):
+        """Yield (offset of the record, record) for each good record in data."""
+        pos, end = 0, len(data)
+        while pos < end:
+            if end - pos < ULOG_FRAME.size:
+                raise LogCorrupt("short frame")
+            magic, length, crc = ULOG_FRAME.unpack_from(data, pos)
+            start = pos + ULOG_FRAME.size
+            if magic != ULOG_MAGIC or length < ULOG_BODY.size or start + length > end:
+                raise LogCorrupt("bad frame")
+            body = data[start:start + length]
+            if zlib.crc32(body) != crc:
+                raise LogCorrupt("crc32 mismatch")
+            ts, sid, op, flags, exptime, cas, keylen = ULOG_BODY.unpack_from(body)
+            key_end = ULOG_BODY.size + keylen
+            yield pos, (ts, sid, op, body[ULOG_BODY.size:key_end], flags, exptime, cas,
+                        body[key_end:])
+            pos = start + length
+
+    def _open_current(self, name):
+        if name is None:
+            name = "%020d%s" % (max(int(time.time() * 1e6), self.last_ts + 1), ULOG_SUFFIX)
+        self.name = name
+        self.file = open(os.path.join(self.directory, name), "ab")
+        self.offset = self.file.tell()
+
+    def _rotate(self):
+        self.sync()
+        self.file.close()
+        self._open_current(None)
+        old = [n for n in self.names() if n != self.name]
+        for name in old[:max(0, len(old) - self.keep)]:
+            os.remove(os.path.join(self.directory, name))
+
+
+# ===== 6. Event loop and connections =========================================
+#
+# One selectors loop per process. A pass of the loop is: wait for events,
+# let every ready connection read and handle what it got (handlers queue
+# replies, they never send), run due timers, run the end-of-pass hooks (the
+# server's group commit: one ulog write, fsync if asked, one store commit),
+# then give every connection with queued replies one send(). Replies thus
+# leave only after the changes they acknowledge are in the log, and a
+# pipelined batch costs one system call each way.
+
+
+class Timer:
+    """A callback scheduled on an EventLoop; cancel() stops it."""
+
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when, callback):
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class EventLoop:
+    """selectors loop with timers, end-of-pass hooks and signal handling."""
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.timers = []             # heap of (when, seq, Timer)
+        self.seq = itertools.count() # tie-breaker so Timers never compare
+        self.pass_hooks = []         # called at the end of every pass, before sends
+        self.to_flush = []           # connections with replies queued this pass
+        self.running = False
+        self.signal_handlers = {}    # signum -> callback
+        self.wakeup = None           # (reader, writer) socketpair for signals
+
+    def call_later(self, delay, callback):
+        """Run callback() after `delay` seconds; returns a Timer."""
+        timer = Timer(time.monotonic() + delay, callback)
+        heapq.heappush(self.timers, (timer.when, next(self.seq), timer))
+        return timer
+
+    def call_every(self, interval, callback):
+        """Run callback() every `interval` seconds until the loop stops."""
+        def tick():
+            callback()
+            self.call_later(interval, tick)
+        return self.call_later(interval, tick)
+
+    def add_signal_handler(self, signum, callback):
+        """Run callback() in the loop (not in the signal handler) when signum arrives."""
+        if self.wakeup is None:
+            self.wakeup = socket.socketpair()
+            for sock in self.wakeup:
+                sock.setblocking(False)
+            signal.set_wakeup_fd(self.wakeup[1].fileno())
+            self.selector.register(self.wakeup[0], selectors.EVENT_READ, self._on_signal)
+        self.signal_handlers[signum] = callback
+        signal.signal(signum, lambda *args: None)
+
+    def run(self):
+        """Run passes until stop() is called."""
+        self.running = True
+        select = self.selector.select
+        while self.running:
+            for key, mask in select(self._timeout()):
+                key.data(mask)
+            self._run_timers()
+            self.end_pass()
+
+    def end_pass(self):
+        """Run the end-of-pass hooks, then send every queued reply."""
+        for hook in self.pass_hooks:
+            hook()
+        if self.to_flush:
+            connections, self.to_flush = self.to_flush, []
+            for conn in connections:
+                conn.flush()
+
+    def stop(self):
+        self.running = False
+
+    def close(self):
+        if self.wakeup is not None:
+            signal.set_wakeup_fd(-1)
+            for sock in self.wakeup:
+                sock.close()
+        self.selector.close()
+
+    def _timeout(self):
+        while self.timers and self.timers[0][2].cancelled:
+            heapq.heappop(self.timers)
+        if not self.timers:
+            return None
+        return max(0.0, self.timers[0][0] - time.monotonic())
+
+    def _run_timers(self):
+        current = time.monotonic()
+        while self.timers and self.timers[0][0] <= current:
+            timer = heapq.heappop(self.timers)[2]
+            if not timer.cancelled:
+                timer.callback()
+
+    def _on_signal(self, mask):
+        try:
+            data = self.wakeup[0].recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in data:
+            handler = self.signal_handlers.get(signum)
+            if handler is not None:
+                handler()
+
+
+class Connection:
+    """A non-blocking socket in an EventLoop: buffered replies, one send per pass.
+
+    Subclasses implement data_received(data) and may override
+    connection_lost() and sent(nbytes). write() queues bytes; they are sent
+    at the end of the loop pass. When the peer does not read its replies and
+    more than OUTPUT_HIGH_WATER bytes back up, reading stops until they drain.
+    """
+
+    def __init__(self, loop, sock, addr):
+        sock.setblocking(False)
+        self.loop = loop             # the EventLoop we live in
+        self.sock = sock             # the connected socket
+        self.addr = addr             # peer address, for logs
+        self.outbuf = []             # reply chunks queued this pass
+        self.unsent = bytearray()    # bytes the kernel did not take yet
+        self.queued = False          # in loop.to_flush already
+        self.closing = False         # close once everything is sent
+        self.closed = False
+        self.events = selectors.EVENT_READ
+        loop.selector.register(sock, self.events, self._on_event)
+
+    def write(self, data):
+        self.outbuf.append(data)
+        if not self.queued:
+            self.queued = True
+            self.loop.to_flush.append(self)
+
+    def writelines(self, chunks):
+        self.outbuf.extend(chunks)
+        if not self.queued:
+            self.queued = True
+            self.loop.to_flush.append(self)
+
+    def flush(self):
+        """Send what write() queued, with one send(); keep the rest for EVENT_WRITE."""
+        self.queued = False
+        if self.closed:
+            return
+        if self.outbuf:
+            data = self.outbuf[0] if len(self.outbuf) == 1 else b"".join(self.outbuf)
+            self.outbuf.clear()
+            if self.unsent:
+                self.unsent += data
+            else:
+                sent = self._send(data)
+                if sent is None:
+                    return
+                if sent < len(data):
+                    self.unsent += memoryview(data)[sent:]
+        self._update_events()
+
+    def close_when_sent(self):
+        """Close after the queued replies are sent (quit, shutdown)."""
+        self.closing = True
+        if not self.queued:
+            self.write(b"")
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.loop.selector.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+        self.sock.close()
+        self.connection_lost()
+
+    def data_received(self, data):
+        raise NotImplementedError
+
+    def connection_lost(self):
+        """Called once when the connection closes."""
+
+    def sent(self, nbytes):
+        """Called with the byte count of every successful send."""
+
+    def _on_event(self, mask):
+        try:
+            if mask & selectors.EVENT_WRITE:
+                self._drain()
+            if mask & selectors.EVENT_READ and not self.closed:
+                try:
+                    data = self.sock.recv(RECV_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    data = b""
+                if not data:
+                    self.close()
+                    return
+                self.data_received(data)
+        except Disconnect:
+            self.close()
+        except Exception:
+            log.exception("connection %s: unexpected error; closing it", self.addr)
+            self.handle_error()
+
+    def handle_error(self):
+        """An unexpected exception while serving this connection: close it."""
+        self.close()
+
+    def _send(self, data):
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return None
+        if sent:
+            self.sent(sent)
+        return sent
+
+    def _drain(self):
+        sent = self._send(self.unsent)
+        if sent is None:
+            return
+        del self.unsent[:sent]
+        self._update_events()
+
+    def _update_events(self):
+        if self.closing and not self.unsent:
+            self.close()
+            return
+        events = 0
+        if self.unsent:
+            events |= selectors.EVENT_WRITE
+        if len(self.unsent) < OUTPUT_HIGH_WATER and not self.closing:
+            events |= selectors.EVENT_READ
+        if events != self.events:
+            self.events = events
+            self.loop.selector.modify(self.sock, events, self._on_event)
+
+
+class Listener:
+    """A listening TCP socket that calls factory(sock, addr) for each new client."""
+
+    def __init__(self, loop, host, port, factory, backlog=1024):
+        self.loop = loop
+        self.factory = factory
+        self.sock = socket.create_server((host, port), backlog=backlog, reuse_port=False)
+        self.sock.setblocking(False)
+        self.address = self.sock.getsockname()[:2]
+        loop.selector.register(self.sock, selectors.EVENT_READ, self._on_accept)
+
+    def close(self):
+        if self.sock is not None:
+            self.loop.selector.unregister(self.sock)
+            self.sock.close()
+            self.sock = None
+
+    def _on_accept(self, mask):
+        for _ in range(64):   # bounded, so a connect storm cannot starve clients
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:   # EMFILE and friends: try again next pass
+                log.warning("accept failed: %s", err)
+                return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.factory(sock, addr)
+
+
+# ===== 7. Server =============================================================
+#
+# ServerConnection turns command lines into Store calls through HANDLERS, a
+# table of cmd_* methods (memcached's process_command_ascii as a dict). Each
+# handler gets the tokens, the buffer and the offset just past the command
+# line, and returns the offset where the next command starts, or None when
+# its data block has not fully arrived. Errors are raised as ProtocolError
+# and written in one place, unless the command said noreply.
+
+UNKNOWN = UnknownCommand()
+STATUS_LINES = {ST_STORED: STORED, ST_NOT_STORED: NOT_STORED, ST_EXISTS: EXISTS,
+                ST_NOT_FOUND: NOT_FOUND, ST_DELETED: DELETED}
+SERVER_COUNTERS = (
+    "total_connections", "rejected_connections", "cmd_get", "cmd_set", "cmd_flush",
+    "cmd_touch", "get_hits", "get_misses", "delete_misses", "delete_hits", "incr_misses",
+    "incr_hits", "decr_misses", "decr_hits", "cas_misses", "cas_hits", "cas_badval",
+    "touch_hits", "touch_misses", "store_too_large", "bytes_read", "bytes_written")
+
+
+class ServerConnection(Connection):
+    """One client of `serve`: memcached text protocol in, replies out."""
+
+    def __init__(self, server, sock, addr):
+        super().__init__(server.loop, sock, addr)
+        self.server = server         # the Server, for settings and shutdown
+        self.store = server.store    # the Store every command works on
+        self.stats = server.stats    # server-wide counters
+        self.inbuf = b""             # bytes of an incomplete command
+        self.need = 0                # don't parse until inbuf holds this many bytes
+        self.swallow = 0             # bytes of a refused data block still to discard
+        self.noreply = False         # the current command said noreply
+
+    def data_received(self, data):
+        self.stats["bytes_read"] += len(data)
+        self.store.tick(now())
+        if self.swallow:
+            skip = min(self.swallow, len(data))
+            self.swallow -= skip
+            data = data[skip:]
+            if not data:
+                return
+        if self.inbuf:
+            self.inbuf += data
+            if len(self.inbuf) < self.need:
+                return
+            data = bytes(self.inbuf)
+        pos = self.process(data)
+        self.inbuf = bytearray(data[pos:]) if pos < len(data) else b""
+
+    def process(self, buf):
+        """Handle every complete command in buf; return the offset of the rest."""
+        pos, end = 0, len(buf)
+        handlers = HANDLERS
+        while pos < end and not self.closing:
+            eol = buf.find(b"\n", pos)
+            if eol < 0:
+                waiting = end - pos
+                if waiting > LINE_MAX_BYTES and not (
+                        waiting <= MULTIGET_LINE_MAX_BYTES and is_long_get(buf, pos)):
+                    raise Disconnect
+                self.need = 0
+                return pos
+            tokens = split_command(buf[pos:eol])
+            self.noreply = False
+            try:
+                handler = handlers.get(tokens[0]) if tokens else None
+                if handler is None:
+                    if tokens and tokens[-1].startswith(b"HTTP/"):
+                        raise Disconnect
+                    raise UNKNOWN
+                after = handler(self, tokens, buf, eol + 1)
+            except ProtocolError as err:
+                if not self.noreply:
+                    self.write(err.line)
+                after = eol + 1
+            if after is None:
+                self.need = self.need - pos
+                return pos
+            pos = after
+        self.need = 0
+        return end if self.closing else pos
+
+    def reply(self, line):
+        if not self.noreply:
+            self.write(line)
+
+    def sent(self, nbytes):
+        self.stats["bytes_written"] += nbytes
+
+    def connection_lost(self):
+        self.server.connections.discard(self)
+
+    # -- retrieval -----------------------------------------------------------
+
+    def cmd_get(self, tokens, buf, pos):
+        self._retrieve(tokens, 1, None, False)
+        return pos
+
+    def cmd_gets(self, tokens, buf, pos):
+        self._retrieve(tokens, 1, None, True)
+        return pos
+
+    def cmd_gat(self, tokens, buf, pos):
+        self._retrieve(tokens, 2, self._exptime_arg(tokens, 1), False)
+        return pos
+
+    def cmd_gats(self, tokens, buf, pos):
+        self._retrieve(tokens, 2, self._exptime_arg(tokens, 1), True)
+        return pos
+
+    def _retrieve(self, tokens, first, exptime, with_cas):
+        """get/gets (exptime None) and gat/gats: VALUE blocks for the hits, then END."""
+        if len(tokens) < 2:
+            raise UNKNOWN
+        keys = tokens[first:]
+        for key in keys:
+            if len(key) > KEY_MAX_LENGTH:
+                raise BAD_FORMAT
+        lookup = self.store.get if exptime is None else self.store.touch
+        args = () if exptime is None else (exptime,)
+        out = []
+        for key in keys:
+            item = lookup(key, *args)
+            if item is not None:
+                out.append(item.render_with_cas() if with_cas else item.rendered)
+        out.append(END)
+        hits = len(out) - 1
+        stats = self.stats
+        if exptime is None:
+            stats["cmd_get"] += len(keys)
+            stats["get_hits"] += hits
+            stats["get_misses"] += len(keys) - hits
+        else:
+            stats["cmd_touch"] += len(keys)
+            stats["touch_hits"] += hits
+            stats["touch_misses"] += len(keys) - hits
+        self.writelines(out)
+
+    # -- storage -------------------------------------------------------------
+
+    def cmd_set(self, tokens, buf, pos):
+        return self._storage(tokens, buf, pos, self.store.set)
+
+    def cmd_add(self, tokens, buf, pos):
+        return self._storage(tokens, buf, pos, self.store.add)
+
+    def cmd_replace(self, tokens, buf, pos):
+        return self._storage(tokens, buf, pos, self.store.replace)
+
+    def cmd_append(self, tokens, buf, pos):
+        return self._storage(tokens, buf, pos, self.store.append)
+
+    def cmd_prepend(self, tokens, buf, pos):
+        return self._storage(tokens, buf, pos, self.store.prepend)
+
+    def cmd_cas(self, tokens, buf, pos):
+        return self._storage(tokens, buf, pos, self.store.cas, with_cas=True)
+
+    def _storage(self, tokens, buf, pos, method, with_cas=False):
+        """A storage command and its data block (memcached process_update_command)."""
+        arity = 6 if with_cas else 5
+        if len(tokens) != arity and len(tokens) != arity + 1:
+            raise UNKNOWN
+        self.noreply = tokens[-1] == NOREPLY
+        key, flags, exptime, nbytes, cas_unique = parse_storage(tokens, with_cas)
+        end = pos + nbytes + 2
+        if not item_size_ok(key, flags, nbytes, self.server.item_size_max):
+            self.stats["store_too_large"] += 1
+            if method == self.store.set:   # memcached drops the old value: no stale reads
+                self.store.delete(key)
+            self.reply(TOO_LARGE.line)
+            if end > len(buf):
+                self.swallow = end - len(buf)
+                return len(buf)
+            return end
+        if end > len(buf):
+            self.need = end
+            return None
+        self.stats["cmd_set"] += 1
+        if buf[end - 2:end] != CRLF:
+            self.reply(BAD_DATA_CHUNK.line)
+            return end
+        args = (cas_unique,) if with_cas else ()
+        status = method(key, flags, exptime, buf[pos:end - 2], *args)
+        if with_cas:
+            self.stats[{ST_STORED: "cas_hits", ST_EXISTS: "cas_badval",
+                        ST_NOT_FOUND: "cas_misses"}[status]] += 1
+        self.reply(STATUS_LINES[status])
+        return end
+
+    # -- other commands ------------------------------------------------------
+
+    def cmd_delete(self, tokens, buf, pos):
+        ntokens = len(tokens)
+        if not 2 <= ntokens <= 4:
+            raise UNKNOWN
+        if ntokens > 2:
+            self.noreply = tokens[-1] == NOREPLY
+            hold_is_zero = tokens[2] == b"0"
+            if not ((ntokens == 3 and (hold_is_zero or self.noreply))
+                    or (ntokens == 4 and hold_is_zero and self.noreply)):
+                raise DELETE_USAGE
+        key = self._key_arg(tokens)
+        status = self.store.delete(key)
+        self.stats["delete_hits" if status == ST_DELETED else "delete_misses"] += 1
+        self.reply(STATUS_LINES[status])
+        return pos
+
+    def cmd_incr(self, tokens, buf, pos):
+        return self._arith(tokens, pos, True)
+
+    def cmd_decr(self, tokens, buf, pos):
+        return self._arith(tokens, pos, False)
+
+    def _arith(self, tokens, pos, incr):
+        if len(tokens) not in (3, 4):
+            raise UNKNOWN
+        self.noreply = tokens[-1] == NOREPLY
+        key = self._key_arg(tokens)
+        delta = parse_uint64(tokens[2])
+        if delta is None:
+            raise INVALID_DELTA
+        status, value = self.store.incr(key, delta, incr)
+        name = "incr" if incr else "decr"
+        self.stats[name + ("_misses" if status == ST_NOT_FOUND else "_hits")] += 1
+        if status == ST_NON_NUMERIC:
+            raise NON_NUMERIC_VALUE
+        self.reply(NOT_FOUND if status == ST_NOT_FOUND else b"%d\r\n" % value)
+        return pos
+
+    def cmd_touch(self, tokens, buf, pos):
+        if len(tokens) not in (3, 4):
+            raise UNKNOWN
+        self.noreply = tokens[-1] == NOREPLY
+        key = self._key_arg(tokens)
+        item = self.store.touch(key, self._exptime_arg(tokens, 2))
+        self.stats["cmd_touch"] += 1
+        self.stats["touch_misses" if item is None else "touch_hits"] += 1
+        self.reply(NOT_FOUND if item is None else TOUCHED)
+        return pos
+
+    def cmd_flush_all(self, tokens, buf, pos):
+        if len(tokens) > 3:
+            raise UNKNOWN
+        self.noreply = tokens[-1] == NOREPLY
+        delay = 0
+        if len(tokens) != (2 if self.noreply else 1):
+            delay = self._exptime_arg(tokens, 1)
+        self.stats["cmd_flush"] += 1
+        self.store.flush_all(delay)
+        self.reply(OK)
+        return pos
+
+    def cmd_version(self, tokens, buf, pos):
+        self.write(b"VERSION " + VERSION_STRING + CRLF)
+        return pos
+
+    def cmd_verbosity(self, tokens, buf, pos):
+        if len(tokens) not in (2, 3):
+            raise UNKNOWN
+        self.noreply = tokens[-1] == NOREPLY
+        if parse_uint64(tokens[1]) is None:
+            raise BAD_FORMAT
+        self.reply(OK)
+        return pos
+
+    def cmd_stats(self, tokens, buf, pos):
+        if len(tokens) == 1:
+            self.write(encode_stats(self.server.general_stats()))
+            return pos
+        sub = tokens[1]
+        if sub == b"reset":
+            self.server.reset_stats()
+            self.write(RESET)
+        elif sub == b"settings":
+            self.write(encode_stats(self.server.settings()))
+        elif sub == b"detail":
+            mode = tokens[2] if len(tokens) > 2 else None
+            if mode in (b"on", b"off"):
+                self.write(OK)
+            elif mode == b"dump":
+                self.write(END)
+            else:
+                raise ClientError(b"usage: stats detail on|off|dump")
+        elif sub in (b"items", b"slabs", b"sizes", b"conns"):
+            self.write(END)   # no slab allocator: memcached's answer for an empty cache
+        else:
+            raise UNKNOWN
+        return pos
+
+    def cmd_quit(self, tokens, buf, pos):
+        self.close_when_sent()
+        return pos
+
+    def cmd_shutdown(self, tokens, buf, pos):
+        if not self.server.enable_shutdown:
+            self.write(b"ERROR: shutdown not enabled\r\n")
+        elif len(tokens) == 1 or (len(tokens) == 2 and tokens[1] == b"graceful"):
+            self.close_when_sent()
+            self.server.shutdown()
+        else:
+            raise ClientError(b"invalid shutdown mode")
+        return pos
+
+    # -- argument helpers ----------------------------------------------------
+
+    @staticmethod
+    def _key_arg(tokens):
+        key = tokens[1]
+        if len(key) > KEY_MAX_LENGTH:
+            raise BAD_FORMAT
+        return key
+
+    @staticmethod
+    def _exptime_arg(tokens, index):
+        if len(tokens) <= index:
+            raise UNKNOWN
+        exptime = parse_int32(tokens[index])
+        if exptime is None:
+            raise INVALID_EXPTIME
+        return exptime
+
+
+HANDLERS = {name[4:].encode(): method for name, method in vars(ServerConnection).items()
+            if name.startswith("cmd_")}
+HANDLERS[b"bget"] = ServerConnection.cmd_get
+
+
+class Server:
+    """`serve`: a Store and its UpdateLog behind a listening socket.
+
+    Construct with serve(); run() blocks until SIGTERM/SIGINT, `shutdown`
+    (with enable_shutdown) or stop(), then closes everything cleanly.
+    """
+
+    def __init__(self, store, ulog, host=DEFAULT_HOST, port=DEFAULT_PORT,
+                 max_conns=MAX_CONNS_DEFAULT, enable_shutdown=False, settings=None):
+        self.store = store                   # the items
+        self.ulog = ulog                     # the UpdateLog, None for the memory engine
+        self.max_conns = max_conns           # -c
+        self.enable_shutdown = enable_shutdown
+        self.item_size_max = store.item_size_max
+        self.extra_settings = settings or {}  # shown by `stats settings`
+        self.stats = dict.fromkeys(SERVER_COUNTERS, 0)
+        self.connections = set()             # open ServerConnections
+        self.started = now()
+        self.loop = EventLoop()
+        self.listener = Listener(self.loop, host, port, self._accept)
+        self.address = self.listener.address
+        self.loop.pass_hooks.append(self._group_commit)
+        self.loop.call_every(SWEEP_INTERVAL_SECONDS, self._sweep)
+        if ulog is not None and ulog.sync_mode == "everysec":
+            self.loop.call_every(1.0, ulog.sync)
+
+    def run(self):
+        """Serve until stopped; then answer what is in flight and close."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.loop.add_signal_handler(signum, self.shutdown)
+        log.info("serving on %s:%d", *self.address)
+        try:
+            self.loop.run()
+        finally:
+            self.close()
+
+    def shutdown(self):
+        """Stop accepting and leave the loop after the current pass."""
+        self.listener.close()
+        self.loop.stop()
+
+    def close(self):
+        self.listener.close()
+        self._group_commit()
+        for conn in list(self.connections):
+            conn.flush()
+            conn.close()
+        if self.ulog is not None:
+            self.ulog.close()
+        self.store.close()
+        self.loop.close()
+        log.info("stopped")
+
+    def general_stats(self):
+        """(name, value) pairs of `stats`, memcached's names and order."""
+        t = now()
+        times = os.times()
+        counters = self.stats
+        store = self.store
+        pairs = [("pid", os.getpid()), ("uptime", int(t - self.started)), ("time", int(t)),
+                 ("version", VERSION_STRING.decode()), ("pointer_size", struct.calcsize("P") * 8),
+                 ("rusage_user", "%.6f" % times.user), ("rusage_system", "%.6f" % times.system),
+                 ("max_connections", self.max_conns),
+                 ("curr_connections", len(self.connections))]
+        pairs += [(name, counters[name]) for name in SERVER_COUNTERS[:2]]
+        pairs += [(name, counters[name]) for name in SERVER_COUNTERS[2:8]]
+        pairs += [("get_expired", store.counters["get_expired"]),
+                  ("get_flushed", store.counters["get_flushed"])]
+        pairs += [(name, counters[name]) for name in SERVER_COUNTERS[8:]]
+        pairs += [("limit_maxbytes", store.memory_limit), ("threads", 1),
+                  ("bytes", store.bytes), ("curr_items", store.curr_items),
+                  ("total_items", store.counters["total_items"]),
+                  ("evictions", store.counters["evictions"]),
+                  ("reclaimed", store.counters["reclaimed"])]
+        if self.ulog is not None:
+            pairs += [("ulog_file", self.ulog.name), ("ulog_offset", self.ulog.offset)]
+        return pairs
+
+    def settings(self):
+        """(name, value) pairs of `stats settings`."""
+        pairs = [("maxbytes", self.store.memory_limit), ("maxconns", self.max_conns),
+                 ("tcpport", self.address[1]), ("udpport", 0), ("inter", self.address[0]),
+                 ("num_threads", 1), ("evictions", "on"), ("item_size_max", self.item_size_max),
+                 ("cas_enabled", "yes"), ("flush_enabled", "yes"),
+                 ("shutdown_command", "yes" if self.enable_shutdown else "no")]
+        return pairs + sorted(self.extra_settings.items())
+
+    def reset_stats(self):
+        for name in SERVER_COUNTERS:
+            self.stats[name] = 0
+        for name in self.store.counters:
+            self.store.counters[name] = 0
+
+    def _accept(self, sock, addr):
+        if len(self.connections) >= self.max_conns:
+            self.stats["rejected_connections"] += 1
+            try:
+                sock.send(b"ERROR Too many open connections\r\n")
+            except OSError:
+                pass
+            sock.close()
+            return
+        self.stats["total_connections"] += 1
+        self.connections.add(ServerConnection(self, sock, addr))
+
+    def _group_commit(self):
+        """One ulog write (+fsync under --sync always) and one store commit per pass."""
+        if self.ulog is not None:
+            self.ulog.flush()
+            self.store.commit(self.ulog.position)
+
+    def _sweep(self):
+        self.store.tick(now())
+        self.store.sweep()
+
+
+def recover(store, ulog):
+    """Replay the ulog records the store has not applied yet; returns their count."""
+    count = 0
+    for ts, sid, op, key, flags, exptime, cas, value in ulog.replay(store.log_position):
+        store.tick(ts / 1e6)
+        store.apply(op, key, flags, exptime, cas, value)
+        count += 1
+    store.tick(now())
+    store.commit(ulog.position, force=True)
+    return count
+
+
+def serve(host=DEFAULT_HOST, port=DEFAULT_PORT, data_dir=DEFAULT_DATA_DIR, engine="sqlite",
+          item_size_max=ITEM_SIZE_MAX_DEFAULT, max_conns=MAX_CONNS_DEFAULT,
+          memory_limit_mb=MEMORY_LIMIT_MB_DEFAULT, sync="everysec",
+          ulog_limit=ULOG_LIMIT_DEFAULT, ulog_keep=ULOG_KEEP_DEFAULT, sid=1,
+          enable_shutdown=False):
+    """Open (or create) the data directory, recover, and listen. Returns a Server.
+
+    engine: one of ENGINES. item_size_max, ulog_limit: bytes. memory_limit_mb:
+    megabytes. sync: one of SYNC_MODES. sid: this server's id in the ulog.
+    Raises ConfigError for a missing dbm module, OSError for an unusable
+    directory or address.
+    """
+    store_engine = None
+    ulog = None
+    if engine != "memory":
+        os.makedirs(data_dir, exist_ok=True)
+        store_engine = open_engine(engine, data_dir)
+        ulog = UpdateLog(os.path.join(data_dir, "ulog"), sid=sid, sync=sync,
+                         limit=ulog_limit, keep=ulog_keep)
+    store = Store(store_engine, memory_limit_mb << 20, item_size_max,
+                  journal=ulog.append if ulog is not None else None)
+    if ulog is not None:
+        started = time.monotonic()
+        count = recover(store, ulog)
+        log.info("recovered %d ulog records in %.3f s; %d items",
+                 count, time.monotonic() - started, store.curr_items)
+    settings = {"engine": engine, "sync": sync, "sid": sid, "ulog_limit": ulog_limit,
+                "data_dir": os.path.abspath(data_dir) if ulog is not None else "-"}
+    return Server(store, ulog, host, port, max_conns, enable_shutdown, settings)
+
+
+# ===== 8. CLI ================================================================
+
+def _size_arg(text):
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (bytes, or with k/m/g)")
+
+
+def _item_size_arg(text):
+    size = _size_arg(text)
+    if not 1024 <= size <= 1 << 30:
+        raise argparse.ArgumentTypeError("item size must be between 1k and 1024m")
+    return size
+
+
+def _int_arg(low, high):
+    def convert(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+        return value
+    return convert
+
+
+def build_parser():
+    """The argparse parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="memtool.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"memtool {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log to stderr (-vv for debug)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve_parser = commands.add_parser(
+        "serve", parents=[common], help="run the key-value server",
+        description="Serve the memcached protocol from a store that survives restarts.")
+    add = serve_parser.add_argument
+    add("-p", "--port", type=_int_arg(0, 65535), default=DEFAULT_PORT,
+        help="TCP port (default %(default)s)")
+    add("-l", "--listen", default=DEFAULT_HOST, metavar="ADDR",
+        help="interface to listen on (default %(default)s)")
+    add("--data", default=DEFAULT_DATA_DIR, metavar="DIR",
+        help="data directory, created if missing (default %(default)s)")
+    add("--engine", choices=ENGINES, default="sqlite",
+        help="store: sqlite (default), gnu/ndbm/dumb (dbm modules), memory (no persistence)")
+    add("-I", "--max-item-size", type=_item_size_arg, default=ITEM_SIZE_MAX_DEFAULT,
+        metavar="SIZE", help="largest item, with k/m suffix (default 1m)")
+    add("-c", "--max-conns", type=_int_arg(1, 1 << 20), default=MAX_CONNS_DEFAULT,
+        metavar="N", help="most simultaneous clients (default %(default)s)")
+    add("-m", "--memory-limit", type=_int_arg(1, 1 << 30), default=MEMORY_LIMIT_MB_DEFAULT,
+        metavar="MB", help="memory engine: item memory, LRU-evicted; "
+                           "disk engines: read cache (default %(default)s)")
+    add("--sync", choices=SYNC_MODES, default="everysec",
+        help="when the update log is fsynced (default %(default)s)")
+    add("--ulog-limit", type=_size_arg, default=ULOG_LIMIT_DEFAULT, metavar="SIZE",
+        help="start a new update-log file at this size (default 64m)")
+    add("--ulog-keep", type=_int_arg(0, 1 << 20), default=ULOG_KEEP_DEFAULT, metavar="N",
+        help="rotated update-log files to keep (default %(default)s)")
+    add("--sid", type=_int_arg(1, UINT32_MASK), default=1,
+        help="server id stamped on update-log records (default %(default)s)")
+    add("--enable-shutdown", action="store_true",
+        help="allow the `shutdown` command (memcached -A)")
+    add("--pid", metavar="FILE", help="write the process id to FILE")
+    serve_parser.set_defaults(func=_cmd_serve)
+    return parser
+
+
+def _cmd_serve(args):
+    server = serve(args.listen, args.port, args.data, args.engine, args.max_item_size,
+                   args.max_conns, args.memory_limit, args.sync, args.ulog_limit,
+                   args.ulog_keep, args.sid, args.enable_shutdown)
+    if args.pid:
+        with open(args.pid, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    try:
+        server.run()
+    finally:
+        if args.pid:
+            os.remove(args.pid)
+    return 0
+
+
+def main(argv=None):
+    """Run the command line; returns the exit code (0 ok, 1 runtime error, 2 usage)."""
+    args = build_parser().parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s memtool[%(process)d] %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, OSError) as err:
+        if args.verbose > 1:
+            raise
+        print(f"memtool: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
