@@ -51,8 +51,8 @@ Contents (``grep -n '^# =====' memtool.py``):
 """
 
 import argparse
+import bisect
 import collections
-import dbm.dumb
 import heapq
 import importlib
 import itertools
@@ -97,7 +97,6 @@ RECV_BYTES = 65536                  # 128 KiB+ makes glibc mmap/munmap on every 
 OUTPUT_HIGH_WATER = 4 << 20         # stop reading a client that does not read its replies
 SWEEP_INTERVAL_SECONDS = 1.0        # background expiry sweep: one bounded step per interval
 SWEEP_STEP_ITEMS = 500
-CHECKPOINT_SECONDS = 1.0            # dbm engines sync at most this often (the ulog covers the gap)
 UINT32_MASK = 0xFFFFFFFF
 UINT64_MASK = 0xFFFFFFFFFFFFFFFF
 
@@ -231,6 +230,8 @@ def parse_int32(text):
     """strtol into memcached's int32: None on junk or 64-bit overflow, else wrapped."""
     if text.isdigit():
         value = int(text)
+        if value < 1 << 31:
+            return value
     else:
         parsed = _strto(text)
         if parsed is None:
@@ -282,11 +283,14 @@ def parse_storage(tokens, with_cas):
     key = tokens[1]
     if len(key) > KEY_MAX_LENGTH:
         raise BAD_FORMAT
-    flags = parse_flags(tokens[2])
-    exptime = parse_int32(tokens[3])
-    nbytes = parse_int32(tokens[4])
-    if flags is None or exptime is None or nbytes is None:
-        raise BAD_FORMAT
+    flags, exptime, nbytes = tokens[2], tokens[3], tokens[4]
+    if (len(flags) < 10 and len(exptime) < 10 and len(nbytes) < 10
+            and flags.isdigit() and exptime.isdigit() and nbytes.isdigit()):
+        flags, exptime, nbytes = int(flags), int(exptime), int(nbytes)  # the usual case
+    else:
+        flags, exptime, nbytes = parse_flags(flags), parse_int32(exptime), parse_int32(nbytes)
+        if flags is None or exptime is None or nbytes is None:
+            raise BAD_FORMAT
     cas_unique = 0
     if with_cas:
         cas_unique = parse_uint64(tokens[5])
@@ -300,13 +304,6 @@ def parse_storage(tokens, with_cas):
 def item_size_ok(key, flags, nbytes, item_size_max):
     """memcached's item_size_ok: does the item fit under -I (flags cost 4 bytes)?"""
     return ITEM_HEADER_BYTES + len(key) + nbytes + (4 if flags else 0) <= item_size_max
-
-
-def encode_value(key, flags, data, cas_unique=None):
-    """One `VALUE <key> <flags> <bytes> [<cas unique>]\\r\\n<data>\\r\\n` block."""
-    if cas_unique is None:
-        return b"VALUE %b %d %d\r\n%b\r\n" % (key, flags, len(data), data)
-    return b"VALUE %b %d %d %d\r\n%b\r\n" % (key, flags, len(data), cas_unique, data)
 
 
 def encode_stats(pairs):
@@ -329,10 +326,13 @@ def encode_stats(pairs):
 #     OP_FLUSH  exptime=deadline cas=threshold
 #
 # Effects rather than commands: replaying a record twice gives the same
-# state, so a dbm engine (no transactions) may lag the log safely, and a
-# replica applies exactly what the origin stored. exptime in a record is
-# always absolute (0 = never). Store methods return status constants; only
-# the server turns them into reply lines.
+# state, so the store may lag the log safely, and a replica applies exactly
+# what the origin stored. exptime in a record is always absolute (0 =
+# never). Changes reach the engine in checkpoints (every CHECKPOINT_SECONDS
+# or CHECKPOINT_ITEMS keys), each with the log position it covers, so a
+# busy key costs one disk write per checkpoint and recovery replays the log
+# from that position. Store methods return status constants; only the
+# server turns them into reply lines.
 
 OP_SET, OP_DELETE, OP_TOUCH, OP_FLUSH = 1, 2, 3, 4
 ST_STORED, ST_NOT_STORED, ST_EXISTS, ST_NOT_FOUND, ST_DELETED, ST_NON_NUMERIC = range(6)
@@ -340,6 +340,10 @@ ST_STORED, ST_NOT_STORED, ST_EXISTS, ST_NOT_FOUND, ST_DELETED, ST_NON_NUMERIC = 
 RECORD_HEADER = struct.Struct("<IqQ")   # flags, exptime, cas unique: before the data
 META_KEY = b"memtool:meta:" + b"." * KEY_MAX_LENGTH  # longer than any client key
 CACHE_ITEM_OVERHEAD = 120               # rough bytes of Python objects per cached item
+ABSENT = False                          # cache entry: the engine has no such key
+CHECKPOINT_SECONDS = 0.1                # write changes to the engine at least this often
+CHECKPOINT_ITEMS = 10000                # ... or once this many keys changed
+STORE_COUNTERS = ("get_expired", "get_flushed", "evictions", "reclaimed", "total_items")
 ENGINES = ("sqlite", "gnu", "ndbm", "dumb", "memory")
 
 
@@ -348,24 +352,22 @@ class Item:
 
     `rendered` is the exact `get` reply block for it, built once when it is
     stored, because formatting on every get costs more than the memory.
+    `size` is what `stats bytes` counts for it: key + record header + data.
     """
 
-    __slots__ = ("flags", "exptime", "cas", "rendered", "vstart")
+    __slots__ = ("flags", "exptime", "cas", "rendered", "vstart", "size")
 
     def __init__(self, key, flags, exptime, cas, value):
         self.flags = flags
         self.exptime = exptime
         self.cas = cas
-        self.rendered = encode_value(key, flags, value)
+        self.rendered = b"VALUE %b %d %d\r\n%b\r\n" % (key, flags, len(value), value)
         self.vstart = len(self.rendered) - len(value) - 2
+        self.size = len(key) + RECORD_HEADER.size + len(value)
 
     @property
     def value(self):
         return self.rendered[self.vstart:-2]
-
-    @property
-    def nbytes(self):
-        return len(self.rendered) - self.vstart - 2
 
     def render_with_cas(self):
         """The `gets` block: the `get` block with the cas unique in its header."""
@@ -385,9 +387,8 @@ class Item:
 class SqliteEngine:
     """The default store: SQLite with Python 3.13's dbm.sqlite3 table.
 
-    One transaction per loop pass (opened by the first write, closed by
-    commit()), WAL with synchronous=NORMAL: a commit does not fsync, because
-    the update log is the durable record and replays what a crash lost.
+    WAL with synchronous=NORMAL: a commit does not fsync, because the update
+    log is the durable record and replays whatever a crash lost here.
     """
 
     def __init__(self, path):
@@ -397,7 +398,6 @@ class SqliteEngine:
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS Dict ("
                         "key BLOB UNIQUE NOT NULL, value BLOB NOT NULL)")
-        self.in_transaction = False  # a BEGIN is open since the last commit()
 
     def get(self, key):
         row = self.db.execute("SELECT value FROM Dict WHERE key = CAST(? AS BLOB)",
@@ -409,19 +409,14 @@ class SqliteEngine:
                               (key,)).fetchone()
         return None if row is None else row[0]
 
-    def put(self, key, value):
-        self._begin()
-        self.db.execute("REPLACE INTO Dict (key, value) VALUES (CAST(? AS BLOB), CAST(? AS BLOB))",
-                        (key, value))
-
-    def delete(self, key):
-        self._begin()
-        self.db.execute("DELETE FROM Dict WHERE key = CAST(? AS BLOB)", (key,))
-
-    def commit(self, force=False):
-        if self.in_transaction:
-            self.db.execute("COMMIT")
-            self.in_transaction = False
+    def write(self, puts, deletes):
+        """Store puts [(key, value)] and drop deletes [key] in one transaction."""
+        self.db.execute("BEGIN")
+        self.db.executemany("DELETE FROM Dict WHERE key = CAST(? AS BLOB)",
+                            [(key,) for key in deletes])
+        self.db.executemany("REPLACE INTO Dict (key, value) VALUES "
+                            "(CAST(? AS BLOB), CAST(? AS BLOB))", puts)
+        self.db.execute("COMMIT")
 
     def scan(self, after, limit):
         """Up to `limit` (key, record header) pairs with key > after, in key order."""
@@ -436,30 +431,23 @@ class SqliteEngine:
         return n, total or 0
 
     def close(self):
-        self.commit()
         self.db.close()
-
-    def _begin(self):
-        if not self.in_transaction:
-            self.db.execute("BEGIN")
-            self.in_transaction = True
 
 
 class DbmEngine:
     """A dbm.gnu, dbm.ndbm or dbm.dumb file as the store.
 
-    dbm has no transactions and its sync is costly (dbm.dumb rewrites its
-    whole index), so commit() syncs at most every CHECKPOINT_SECONDS; the
-    meta record inside the file says how far the log was applied, and
-    replaying effects from there is idempotent.
+    dbm has no transactions: write() applies the batch and syncs, and the
+    meta record written last says how far the log is applied. Replaying
+    effects from an older position is harmless, so a crash in between loses
+    nothing.
     """
 
     def __init__(self, path, module_name):
         module = importlib.import_module("dbm." + module_name)
         self.path = f"{path}.{module_name}"
         self.db = module.open(self.path, "c")
-        self.synced_at = now()   # last sync, for the checkpoint interval
-        self.scan_keys = None    # sorted key snapshot the sweep walks through
+        self.scan_keys = []      # sorted key snapshot the sweep walks through
 
     def get(self, key):
         return self.db.get(key)
@@ -468,34 +456,25 @@ class DbmEngine:
         value = self.db.get(key)
         return None if value is None else len(value)
 
-    def put(self, key, value):
-        self.db[key] = value
-
-    def delete(self, key):
-        try:
-            del self.db[key]
-        except KeyError:
-            pass
-
-    def commit(self, force=False):
-        sync = getattr(self.db, "sync", None)
-        if sync is not None and (force or now() - self.synced_at >= CHECKPOINT_SECONDS):
+    def write(self, puts, deletes):
+        for key in deletes:
+            try:
+                del self.db[key]
+            except KeyError:
+                pass
+        for key, value in puts:
+            self.db[key] = value
+        sync = getattr(self.db, "sync", None)   # dbm.ndbm has none
+        if sync is not None:
             sync()
-            self.synced_at = now()
 
     def scan(self, after, limit):
-        if not after or self.scan_keys is None:
+        if not after:
             self.scan_keys = sorted(self.db.keys())
         keys = self.scan_keys
-        lo, hi = 0, len(keys)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if keys[mid] <= after:
-                lo = mid + 1
-            else:
-                hi = mid
+        start = bisect.bisect_right(keys, after)
         rows = []
-        for key in keys[lo:lo + limit]:
+        for key in keys[start:start + limit]:
             value = self.db.get(key)
             if value is not None:
                 rows.append((key, value[:RECORD_HEADER.size]))
@@ -510,6 +489,19 @@ class DbmEngine:
 
     def close(self):
         self.db.close()
+
+
+def available_engines():
+    """The ENGINES whose modules import on this Python."""
+    names = []
+    for name in ENGINES:
+        if name in ("gnu", "ndbm"):
+            try:
+                importlib.import_module("dbm." + name)
+            except ImportError:
+                continue
+        names.append(name)
+    return names
 
 
 def open_engine(name, data_dir):
@@ -530,19 +522,6 @@ def open_engine(name, data_dir):
                           f"available engines: {', '.join(available_engines())}") from None
 
 
-def available_engines():
-    """The ENGINES whose modules import on this Python."""
-    names = []
-    for name in ENGINES:
-        if name in ("gnu", "ndbm"):
-            try:
-                importlib.import_module("dbm." + name)
-            except ImportError:
-                continue
-        names.append(name)
-    return names
-
-
 class Store:
     """Items with memcached semantics over an engine (None = memory only).
 
@@ -561,13 +540,16 @@ class Store:
         self.memory_limit = memory_limit      # bytes for cached/held items
         self.item_size_max = item_size_max    # -I, bytes
         self.journal = journal                # effect sink (the update log) or None
-        self.cache = collections.OrderedDict()  # key -> Item, least recent first
+        self.cache = collections.OrderedDict()  # key -> Item or ABSENT, least recent first
         self.cache_bytes = 0                  # estimated memory of `cache`
+        self.pending = {}                     # key -> Item, or None for a delete, not yet
+                                              # written to the engine
+        self.checkpointed = now()             # when pending was last written
         self.now = now()                      # unix seconds, set by tick()
-        self.counters = dict.fromkeys(        # memcached stats names
-            ("get_expired", "get_flushed", "evictions", "reclaimed", "total_items"), 0)
-        meta = {}
+        self.get_expired = self.get_flushed = 0   # memcached counters (STORE_COUNTERS)
+        self.evictions = self.reclaimed = self.total_items = 0
         self.curr_items = self.bytes = 0      # items on disk (or held) and their bytes
+        meta = {}
         if engine is not None:
             raw = engine.get(META_KEY)
             meta = json.loads(raw) if raw else {}
@@ -578,17 +560,17 @@ class Store:
         self.last_cas = meta.get("cas", 0)    # last cas unique handed out
         self.flush_cas = meta.get("flush_cas", 0)  # items with a smaller cas are flushed
         self.flush_deadline = meta.get("flush_deadline", 0)  # pending delayed flush_all
-        self.log_position = meta.get("ulog")  # [file name, offset] applied so far
+        self.log_position = meta.get("ulog")  # [file name, offset] the engine covers
         self.sweep_after = b""                # sweep cursor: last key checked
-        self.dirty = False                    # changed since the last commit()
+        self.meta_dirty = False               # flush state changed since the checkpoint
 
     # -- reads ---------------------------------------------------------------
 
     def get(self, key):
         """The live Item for key, or None (expired and flushed items vanish here)."""
         item = self.cache.get(key)
-        if item is None:
-            return self._load(key)
+        if not item:
+            return None if item is ABSENT else self._load(key)
         if (item.exptime and item.exptime <= self.now) or item.cas < self.flush_cas:
             self._reap(key, item)
             return None
@@ -598,7 +580,8 @@ class Store:
     # -- storage commands ----------------------------------------------------
 
     def set(self, key, flags, exptime, value):
-        self._write(key, flags, self.absolute(exptime), value, self._present_size(key))
+        self._write(key, flags, self.absolute(exptime) if exptime else 0, value,
+                    self._present_size(key))
         return ST_STORED
 
     def add(self, key, flags, exptime, value):
@@ -611,7 +594,7 @@ class Store:
         old = self.get(key)
         if old is None:
             return ST_NOT_STORED
-        self._write(key, flags, self.absolute(exptime), value, self._size(key, old))
+        self._write(key, flags, self.absolute(exptime), value, old.size)
         return ST_STORED
 
     def append(self, key, flags, exptime, value):
@@ -628,7 +611,7 @@ class Store:
             return ST_NOT_FOUND
         if old.cas != cas_unique:
             return ST_EXISTS
-        self._write(key, flags, self.absolute(exptime), value, self._size(key, old))
+        self._write(key, flags, self.absolute(exptime), value, old.size)
         return ST_STORED
 
     def delete(self, key):
@@ -636,7 +619,7 @@ class Store:
         if old is None:
             return ST_NOT_FOUND
         self._journal(OP_DELETE, key, 0, 0, 0, b"")
-        self._remove(key, self._size(key, old))
+        self._remove(key, old.size)
         return ST_DELETED
 
     def incr(self, key, delta, incr=True):
@@ -657,7 +640,7 @@ class Store:
         digits = b"%d" % result
         if len(digits) <= len(data):
             digits = digits.ljust(len(data))
-        self._write(key, old.flags, old.exptime, digits, self._size(key, old))
+        self._write(key, old.flags, old.exptime, digits, old.size)
         return ST_STORED, result
 
     def touch(self, key, exptime):
@@ -704,6 +687,7 @@ class Store:
         """Remove up to `limit` expired or flushed items from disk; a bounded step."""
         if self.engine is None:
             return 0
+        self.checkpoint()   # the scan reads the engine, so it must be current
         rows = self.engine.scan(self.sweep_after, limit)
         self.sweep_after = rows[-1][0] if len(rows) == limit else b""
         reaped = 0
@@ -714,20 +698,30 @@ class Store:
             if (exptime and exptime <= self.now) or cas < self.flush_cas:
                 self._remove(key, len(key) + self.engine.size(key))
                 reaped += 1
-        self.counters["reclaimed"] += reaped
+        self.reclaimed += reaped
         return reaped
 
     def commit(self, log_position=None, force=False):
-        """End of a batch: record how far the log is applied, commit the engine."""
-        if self.engine is None or not (self.dirty or force):
-            return
-        self.dirty = False
+        """End of a batch: note how far the log goes; checkpoint when one is due."""
         if log_position is not None:
             self.log_position = log_position
+        if force or len(self.pending) >= CHECKPOINT_ITEMS or (
+                (self.pending or self.meta_dirty)
+                and self.now - self.checkpointed >= CHECKPOINT_SECONDS):
+            self.checkpoint()
+
+    def checkpoint(self):
+        """Write the pending changes and the meta record to the engine."""
+        self.checkpointed = self.now
+        self.meta_dirty = False
+        if self.engine is None:
+            return
+        pending, self.pending = self.pending, {}
+        puts = [(key, item.record()) for key, item in pending.items() if item is not None]
         meta = {"cas": self.last_cas, "flush_cas": self.flush_cas,
                 "flush_deadline": self.flush_deadline, "ulog": self.log_position}
-        self.engine.put(META_KEY, json.dumps(meta).encode())
-        self.engine.commit(force)
+        puts.append((META_KEY, json.dumps(meta).encode()))
+        self.engine.write(puts, [key for key, item in pending.items() if item is None])
 
     def apply(self, op, key, flags, exptime, cas, value):
         """Apply one effect record (replay, replication); the inverse of journal."""
@@ -746,9 +740,13 @@ class Store:
         elif op == OP_FLUSH:
             self._flush(exptime, cas)
 
+    def reset_counters(self):
+        for name in STORE_COUNTERS:
+            setattr(self, name, 0)
+
     def close(self):
         if self.engine is not None:
-            self.commit(force=True)
+            self.checkpoint()
             self.engine.close()
 
     # -- internals -----------------------------------------------------------
@@ -757,12 +755,8 @@ class Store:
         if self.journal is not None:
             self.journal(*record)
 
-    def _next_cas(self):
-        self.last_cas += 1
-        return self.last_cas
-
     def _flush(self, deadline, threshold):
-        self.dirty = True
+        self.meta_dirty = True
         if deadline and deadline > self.now:
             self.flush_deadline = deadline
         else:
@@ -771,41 +765,35 @@ class Store:
 
     def _retime(self, key, item, exptime):
         item.exptime = exptime
-        self._persist(key, item)
-
-    def _persist(self, key, item):
-        self.dirty = True
-        if self.engine is not None:
-            self.engine.put(key, item.record())
-
-    def _unpersist(self, key):
-        self.dirty = True
-        if self.engine is not None:
-            self.engine.delete(key)
+        self.pending[key] = item
 
     def _load(self, key):
         if self.engine is None:
             return None
-        record = self.engine.get(key)
-        if record is None:
-            return None
-        item = Item.from_record(key, record)
+        if key in self.pending:
+            item = self.pending[key]
+            if item is None:
+                return None
+        else:
+            record = self.engine.get(key)
+            if record is None:
+                # Remember the miss: a get-heavy client asking for absent keys
+                # would otherwise cost one engine lookup per request.
+                self._cache_put(key, ABSENT)
+                return None
+            item = Item.from_record(key, record)
         if (item.exptime and item.exptime <= self.now) or item.cas < self.flush_cas:
-            self._count_reap(item)
-            self._remove(key, len(key) + len(record))
+            self._reap(key, item)
             return None
         self._cache_put(key, item)
         return item
 
     def _reap(self, key, item):
-        self._count_reap(item)
-        self._remove(key, self._size(key, item))
-
-    def _count_reap(self, item):
         if item.cas < self.flush_cas:
-            self.counters["get_flushed"] += 1
+            self.get_flushed += 1
         else:
-            self.counters["get_expired"] += 1
+            self.get_expired += 1
+        self._remove(key, item.size)
 
     def _concat(self, key, value, at_end):
         old = self.get(key)
@@ -814,7 +802,7 @@ class Store:
         data = old.value + value if at_end else value + old.value
         if not item_size_ok(key, old.flags, len(data), self.item_size_max):
             return ST_NOT_STORED
-        self._write(key, old.flags, old.exptime, data, self._size(key, old))
+        self._write(key, old.flags, old.exptime, data, old.size)
         return ST_STORED
 
     def _write(self, key, flags, exptime, value, old_size, cas=None):
@@ -824,58 +812,61 @@ class Store:
         journaled. With one it is a record being applied.
         """
         if cas is None:
-            cas = self._next_cas()
-            self._journal(OP_SET, key, flags, exptime, cas, value)
+            self.last_cas = cas = self.last_cas + 1
+            if self.journal is not None:
+                self.journal(OP_SET, key, flags, exptime, cas, value)
         item = Item(key, flags, exptime, cas, value)
         if old_size is None:
             self.curr_items += 1
         else:
             self.bytes -= old_size
-        self.bytes += self._size(key, item)
-        self.counters["total_items"] += 1
+        self.bytes += item.size
+        self.total_items += 1
         self._cache_put(key, item)
-        self._persist(key, item)
+        if self.engine is not None:
+            self.pending[key] = item
 
     def _remove(self, key, size):
         item = self.cache.pop(key, None)
         if item is not None:
             self.cache_bytes -= self._footprint(key, item)
-        self._unpersist(key)
+        if self.engine is not None:
+            self.pending[key] = None
         self.curr_items -= 1
         self.bytes -= size
 
     def _present_size(self, key):
         """Size of whatever is stored under key, live or not; None when nothing is."""
         item = self.cache.get(key)
-        if item is not None:
-            return self._size(key, item)
-        if self.engine is None:
-            return None
-        size = self.engine.size(key)
-        return None if size is None else len(key) + size
-
-    @staticmethod
-    def _size(key, item):
-        """An item's bytes as `stats bytes` counts them: key + record header + data."""
-        return len(key) + RECORD_HEADER.size + item.nbytes
+        if item is None and self.engine is not None:
+            if key in self.pending:
+                item = self.pending[key]
+            else:
+                size = self.engine.size(key)
+                return None if size is None else len(key) + size
+        return item.size if item else None
 
     @staticmethod
     def _footprint(key, item):
-        return len(key) + len(item.rendered) + CACHE_ITEM_OVERHEAD
+        return CACHE_ITEM_OVERHEAD + (item.size if item else len(key))
 
     def _cache_put(self, key, item):
-        old = self.cache.pop(key, None)
-        if old is not None:
-            self.cache_bytes -= self._footprint(key, old)
-        self.cache[key] = item
-        self.cache_bytes += self._footprint(key, item)
-        while self.cache_bytes > self.memory_limit and len(self.cache) > 1:
-            victim_key, victim = self.cache.popitem(last=False)
+        cache = self.cache
+        old = cache.get(key)
+        if old is None:
+            cache[key] = item
+            self.cache_bytes += self._footprint(key, item)
+        else:
+            cache[key] = item
+            cache.move_to_end(key)
+            self.cache_bytes += self._footprint(key, item) - self._footprint(key, old)
+        while self.cache_bytes > self.memory_limit and len(cache) > 1:
+            victim_key, victim = cache.popitem(last=False)
             self.cache_bytes -= self._footprint(victim_key, victim)
             if self.engine is None:
                 self.curr_items -= 1
-                self.bytes -= self._size(victim_key, victim)
-                self.counters["evictions"] += 1
+                self.bytes -= victim.size
+                self.evictions += 1
 
 
 # ===== 5. Update log =========================================================
@@ -1093,6 +1084,7 @@ class EventLoop:
         self.selector = selectors.DefaultSelector()
         self.timers = []             # heap of (when, seq, Timer)
         self.seq = itertools.count() # tie-breaker so Timers never compare
+        self.ready_hooks = []        # called after each wait, before events are handled
         self.pass_hooks = []         # called at the end of every pass, before sends
         self.to_flush = []           # connections with replies queued this pass
         self.running = False
@@ -1128,7 +1120,10 @@ class EventLoop:
         self.running = True
         select = self.selector.select
         while self.running:
-            for key, mask in select(self._timeout()):
+            events = select(self._timeout())
+            for hook in self.ready_hooks:
+                hook()
+            for key, mask in events:
                 key.data(mask)
             self._run_timers()
             self.end_pass()
@@ -1196,6 +1191,8 @@ class Connection:
         self.queued = False          # in loop.to_flush already
         self.closing = False         # close once everything is sent
         self.closed = False
+        self.bytes_read = 0          # counters for stats, summed by the owner
+        self.bytes_written = 0
         self.events = selectors.EVENT_READ
         loop.selector.register(sock, self.events, self._on_event)
 
@@ -1225,8 +1222,9 @@ class Connection:
                 sent = self._send(data)
                 if sent is None:
                     return
-                if sent < len(data):
-                    self.unsent += memoryview(data)[sent:]
+                if sent == len(data) and not self.closing:
+                    return   # the common case: all sent, still reading
+                self.unsent += memoryview(data)[sent:]
         self._update_events()
 
     def close_when_sent(self):
@@ -1252,9 +1250,6 @@ class Connection:
     def connection_lost(self):
         """Called once when the connection closes."""
 
-    def sent(self, nbytes):
-        """Called with the byte count of every successful send."""
-
     def _on_event(self, mask):
         try:
             if mask & selectors.EVENT_WRITE:
@@ -1269,6 +1264,7 @@ class Connection:
                 if not data:
                     self.close()
                     return
+                self.bytes_read += len(data)
                 self.data_received(data)
         except Disconnect:
             self.close()
@@ -1288,8 +1284,7 @@ class Connection:
         except OSError:
             self.close()
             return None
-        if sent:
-            self.sent(sent)
+        self.bytes_written += sent
         return sent
 
     def _drain(self):
@@ -1376,8 +1371,6 @@ class ServerConnection(Connection):
         self.noreply = False         # the current command said noreply
 
     def data_received(self, data):
-        self.stats["bytes_read"] += len(data)
-        self.store.tick(now())
         if self.swallow:
             skip = min(self.swallow, len(data))
             self.swallow -= skip
@@ -1429,16 +1422,30 @@ class ServerConnection(Connection):
         if not self.noreply:
             self.write(line)
 
-    def sent(self, nbytes):
-        self.stats["bytes_written"] += nbytes
-
     def connection_lost(self):
         self.server.connections.discard(self)
+        self.stats["bytes_read"] += self.bytes_read
+        self.stats["bytes_written"] += self.bytes_written
 
     # -- retrieval -----------------------------------------------------------
 
     def cmd_get(self, tokens, buf, pos):
-        self._retrieve(tokens, 1, None, False)
+        if len(tokens) != 2:
+            self._retrieve(tokens, 1, None, False)
+            return pos
+        # The one-key get is most of the traffic: _retrieve without the loops.
+        key = tokens[1]
+        if len(key) > KEY_MAX_LENGTH:
+            raise BAD_FORMAT
+        item = self.store.get(key)
+        stats = self.stats
+        stats["cmd_get"] += 1
+        if item is None:
+            stats["get_misses"] += 1
+            self.write(END)
+        else:
+            stats["get_hits"] += 1
+            self.writelines((item.rendered, END))
         return pos
 
     def cmd_gets(self, tokens, buf, pos):
@@ -1566,10 +1573,10 @@ class ServerConnection(Connection):
         if delta is None:
             raise INVALID_DELTA
         status, value = self.store.incr(key, delta, incr)
-        name = "incr" if incr else "decr"
-        self.stats[name + ("_misses" if status == ST_NOT_FOUND else "_hits")] += 1
         if status == ST_NON_NUMERIC:
             raise NON_NUMERIC_VALUE
+        name = "incr" if incr else "decr"
+        self.stats[name + ("_misses" if status == ST_NOT_FOUND else "_hits")] += 1
         self.reply(NOT_FOUND if status == ST_NOT_FOUND else b"%d\r\n" % value)
         return pos
 
@@ -1692,6 +1699,7 @@ class Server:
         self.loop = EventLoop()
         self.listener = Listener(self.loop, host, port, self._accept)
         self.address = self.listener.address
+        self.loop.ready_hooks.append(self._tick)
         self.loop.pass_hooks.append(self._group_commit)
         self.loop.call_every(SWEEP_INTERVAL_SECONDS, self._sweep)
         if ulog is not None and ulog.sync_mode == "everysec":
@@ -1729,7 +1737,10 @@ class Server:
         """(name, value) pairs of `stats`, memcached's names and order."""
         t = now()
         times = os.times()
-        counters = self.stats
+        counters = dict(self.stats)
+        for conn in self.connections:
+            counters["bytes_read"] += conn.bytes_read
+            counters["bytes_written"] += conn.bytes_written
         store = self.store
         pairs = [("pid", os.getpid()), ("uptime", int(t - self.started)), ("time", int(t)),
                  ("version", VERSION_STRING.decode()), ("pointer_size", struct.calcsize("P") * 8),
@@ -1738,14 +1749,12 @@ class Server:
                  ("curr_connections", len(self.connections))]
         pairs += [(name, counters[name]) for name in SERVER_COUNTERS[:2]]
         pairs += [(name, counters[name]) for name in SERVER_COUNTERS[2:8]]
-        pairs += [("get_expired", store.counters["get_expired"]),
-                  ("get_flushed", store.counters["get_flushed"])]
+        pairs += [("get_expired", store.get_expired), ("get_flushed", store.get_flushed)]
         pairs += [(name, counters[name]) for name in SERVER_COUNTERS[8:]]
         pairs += [("limit_maxbytes", store.memory_limit), ("threads", 1),
                   ("bytes", store.bytes), ("curr_items", store.curr_items),
-                  ("total_items", store.counters["total_items"]),
-                  ("evictions", store.counters["evictions"]),
-                  ("reclaimed", store.counters["reclaimed"])]
+                  ("total_items", store.total_items), ("evictions", store.evictions),
+                  ("reclaimed", store.reclaimed)]
         if self.ulog is not None:
             pairs += [("ulog_file", self.ulog.name), ("ulog_offset", self.ulog.offset)]
         return pairs
@@ -1762,8 +1771,9 @@ class Server:
     def reset_stats(self):
         for name in SERVER_COUNTERS:
             self.stats[name] = 0
-        for name in self.store.counters:
-            self.store.counters[name] = 0
+        for conn in self.connections:
+            conn.bytes_read = conn.bytes_written = 0
+        self.store.reset_counters()
 
     def _accept(self, sock, addr):
         if len(self.connections) >= self.max_conns:
@@ -1783,8 +1793,10 @@ class Server:
             self.ulog.flush()
             self.store.commit(self.ulog.position)
 
-    def _sweep(self):
+    def _tick(self):
         self.store.tick(now())
+
+    def _sweep(self):
         self.store.sweep()
 
 
