@@ -560,7 +560,8 @@ class Store:
         self.last_cas = meta.get("cas", 0)    # last cas unique handed out
         self.flush_cas = meta.get("flush_cas", 0)  # items with a smaller cas are flushed
         self.flush_deadline = meta.get("flush_deadline", 0)  # pending delayed flush_all
-        self.log_position = meta.get("ulog")  # [file name, offset] the engine covers
+        self.log_position = meta.get("ulog")  # [file name, offset] of the log's end
+        self.checkpoint_position = self.log_position  # what the engine covers
         self.sweep_after = b""                # sweep cursor: last key checked
         self.meta_dirty = False               # flush state changed since the checkpoint
 
@@ -722,6 +723,7 @@ class Store:
                 "flush_deadline": self.flush_deadline, "ulog": self.log_position}
         puts.append((META_KEY, json.dumps(meta).encode()))
         self.engine.write(puts, [key for key, item in pending.items() if item is None])
+        self.checkpoint_position = self.log_position
 
     def apply(self, op, key, flags, exptime, cas, value):
         """Apply one effect record (replay, replication); the inverse of journal."""
@@ -739,6 +741,11 @@ class Store:
                 self._retime(key, item, exptime)
         elif op == OP_FLUSH:
             self._flush(exptime, cas)
+
+    def set_memory_limit(self, limit):
+        """New memory limit in bytes; evicts (or drops cached items) down to it."""
+        self.memory_limit = limit
+        self._evict()
 
     def reset_counters(self):
         for name in STORE_COUNTERS:
@@ -860,6 +867,11 @@ class Store:
             cache[key] = item
             cache.move_to_end(key)
             self.cache_bytes += self._footprint(key, item) - self._footprint(key, old)
+        if self.cache_bytes > self.memory_limit:
+            self._evict()
+
+    def _evict(self):
+        cache = self.cache
         while self.cache_bytes > self.memory_limit and len(cache) > 1:
             victim_key, victim = cache.popitem(last=False)
             self.cache_bytes -= self._footprint(victim_key, victim)
@@ -976,7 +988,9 @@ class UpdateLog:
         if self.sync_mode == "always":
             self.sync()
         if self.offset >= self.limit:
-            self._rotate()
+            self.sync()
+            self.file.close()
+            self._open_current(None)
 
     def sync(self):
         """fsync the current file if anything was written since the last one."""
@@ -988,6 +1002,16 @@ class UpdateLog:
     def position(self):
         """[file name, offset] just past the last record written."""
         return [self.name, self.offset]
+
+    def prune(self, position):
+        """Delete rotated files beyond `keep`, never one at or after `position`.
+
+        position: how far the store is checkpointed; older records are only
+        needed by peers that are behind, which is what `keep` is for.
+        """
+        old = [n for n in self.names() if n < position[0]]
+        for name in old[:max(0, len(old) - self.keep)]:
+            os.remove(os.path.join(self.directory, name))
 
     def close(self):
         if self.file is not None:
@@ -1001,11 +1025,10 @@ class UpdateLog:
         with open(path, "rb") as f:
             f.seek(offset)
             data = f.read()
-        pos = 0
+        pos = 0   # end of the last good record
         try:
             for pos, record in self._parse(data):
                 yield record
-            pos = len(data)
         except LogCorrupt as err:
             if not newest:
                 log.warning("ulog %s: %s at offset %d; skipping the rest of the file",
@@ -1018,7 +1041,7 @@ class UpdateLog:
 
     @staticmethod
     def _parse(data):
-        """Yield (offset of the record, record) for each good record in data."""
+        """Yield (offset just past the record, record) for each good record in data."""
         pos, end = 0, len(data)
         while pos < end:
             if end - pos < ULOG_FRAME.size:
@@ -1032,9 +1055,9 @@ class UpdateLog:
                 raise LogCorrupt("crc32 mismatch")
             ts, sid, op, flags, exptime, cas, keylen = ULOG_BODY.unpack_from(body)
             key_end = ULOG_BODY.size + keylen
+            pos = start + length
             yield pos, (ts, sid, op, body[ULOG_BODY.size:key_end], flags, exptime, cas,
                         body[key_end:])
-            pos = start + length
 
     def _open_current(self, name):
         if name is None:
@@ -1043,13 +1066,6 @@ class UpdateLog:
         self.file = open(os.path.join(self.directory, name), "ab")
         self.offset = self.file.tell()
 
-    def _rotate(self):
-        self.sync()
-        self.file.close()
-        self._open_current(None)
-        old = [n for n in self.names() if n != self.name]
-        for name in old[:max(0, len(old) - self.keep)]:
-            os.remove(os.path.join(self.directory, name))
 
 
 # ===== 6. Event loop and connections =========================================
@@ -1640,6 +1656,23 @@ class ServerConnection(Connection):
             raise UNKNOWN
         return pos
 
+    def cmd_cache_memlimit(self, tokens, buf, pos):
+        """`cache_memlimit <megabytes> [noreply]`: change -m at run time."""
+        if len(tokens) not in (2, 3):
+            raise UNKNOWN
+        self.noreply = tokens[-1] == NOREPLY
+        megabytes = parse_uint64(tokens[1])
+        if megabytes is None or megabytes > UINT32_MASK:
+            raise UNKNOWN
+        if megabytes < 8:
+            self.reply(b"MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m\r\n")
+        elif megabytes > 1000000000:
+            self.reply(b"MEMLIMIT_ADJUST_FAILED input value is megabytes not bytes\r\n")
+        else:
+            self.store.set_memory_limit(megabytes << 20)
+            self.reply(OK)
+        return pos
+
     def cmd_quit(self, tokens, buf, pos):
         self.close_when_sent()
         return pos
@@ -1790,8 +1823,11 @@ class Server:
     def _group_commit(self):
         """One ulog write (+fsync under --sync always) and one store commit per pass."""
         if self.ulog is not None:
+            name = self.ulog.name
             self.ulog.flush()
             self.store.commit(self.ulog.position)
+            if self.ulog.name != name and self.store.checkpoint_position:
+                self.ulog.prune(self.store.checkpoint_position)
 
     def _tick(self):
         self.store.tick(now())
