@@ -43,32 +43,39 @@ Contents (``grep -n '^# =====' memtool.py``):
     1. Constants and limits
     2. Errors
     3. Protocol codec
-    4. Storage
-    5. Update log
-    6. Event loop and connections
-    7. Server
-    8. CLI
+    4. Hash ring
+    5. Storage
+    6. Update log
+    7. Event loop and connections
+    8. Server
+    9. Bench
+    10. CLI
 """
 
 import argparse
 import bisect
 import collections
+import hashlib
 import heapq
 import importlib
 import itertools
 import json
 import logging
+import multiprocessing
 import os
+import random
 import re
 import selectors
 import signal
 import socket
 import sqlite3
+import statistics
 import struct
 import sys
 import threading
 import time
 import zlib
+from queue import Empty
 
 __version__ = "0.1.0"
 
@@ -121,6 +128,14 @@ def now():
     return time.time()
 
 
+def parse_address(text):
+    """'host:port' or '[v6]:port' -> (host, port); ValueError when it is neither."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not host:port: {text!r}")
+    return host.strip("[]"), int(port)
+
+
 def parse_size(text):
     """'1m' -> 1048576, '512k' -> 524288, '100' -> 100 bytes (memcached -I style).
 
@@ -171,6 +186,14 @@ class ServerError(ProtocolError):
 
 class Disconnect(MemtoolError):
     """Drop the client without a reply (memcached's 'nuke the connection')."""
+
+
+class BadReply(MemtoolError):
+    """A server reply that does not parse as the reply to the request sent."""
+
+
+class BackendUnavailable(MemtoolError):
+    """A server we are a client of cannot be reached."""
 
 
 class LogCorrupt(MemtoolError):
@@ -313,7 +336,194 @@ def encode_stats(pairs):
     return b"".join(lines)
 
 
-# ===== 4. Storage ============================================================
+# Client side: what a reply to a request looks like depends on the request
+# (memcached replies are not self-describing), so the caller says what it
+# expects.
+REPLY_LINE = 0          # one line: STORED, DELETED, a number, ...
+REPLY_VALUES = 1        # VALUE blocks, then END (get, gets, gat, gats)
+REPLY_META = 2          # one meta response: HD, EN, NS, ... or VA with a data block
+REPLY_META_BATCH = 3    # meta responses up to and including MN (quiet mode pipelines)
+ERROR_PREFIXES = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")
+REPLY_LINE_MAX_BYTES = 8192
+
+
+def read_reply(buf, pos, expect):
+    """Parse one reply of kind `expect` (a REPLY_* constant) at buf[pos:].
+
+    Returns None until the whole reply is there, else (end offset, status,
+    hits): status is the reply's last line without CRLF (b"END", b"STORED",
+    b"MN", an error line, ...), hits a list of (key, flags, data) for each
+    value it carried (key None for a meta VA without the k flag). An error
+    line ends any reply. Raises BadReply for bytes that are not a reply.
+    """
+    hits = []
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            if len(buf) - pos > REPLY_LINE_MAX_BYTES:
+                raise BadReply("reply line too long")
+            return None
+        line = buf[pos:eol]
+        if expect == REPLY_LINE or line.startswith(ERROR_PREFIXES):
+            return eol + 2, line, hits
+        if line.startswith(b"VALUE ") if expect == REPLY_VALUES else line.startswith(b"VA "):
+            parts = line.split(b" ")
+            try:
+                if expect == REPLY_VALUES:
+                    key, flags, nbytes = parts[1], int(parts[2]), int(parts[3])
+                else:
+                    flags, nbytes = 0, int(parts[1])
+                    key = next((p[1:] for p in parts[2:] if p[:1] == b"k"), None)
+            except (IndexError, ValueError):
+                raise BadReply(f"bad value line {line[:80]!r}") from None
+            end = eol + 2 + nbytes
+            if end + 2 > len(buf):
+                return None
+            if buf[end:end + 2] != CRLF:
+                raise BadReply("data block not followed by CRLF")
+            hits.append((key, flags, buf[eol + 2:end]))
+            pos = end + 2
+            if expect == REPLY_META:
+                return pos, b"VA", hits
+        elif expect == REPLY_VALUES:
+            if line != b"END":
+                raise BadReply(f"unexpected line {line[:80]!r}")
+            return eol + 2, line, hits
+        elif expect == REPLY_META or line == b"MN":
+            return eol + 2, line, hits
+        else:
+            pos = eol + 2   # HD, EN, ... inside a quiet batch
+
+
+# ===== 4. Hash ring ==========================================================
+#
+# Key placement as twemproxy 0.5.0 (src/hashkit/) and libmemcached compute
+# it, so a memtool client pool and a nutcracker with the same servers agree
+# on every key: server names (the port-11211 rule), twemproxy's name order,
+# ketama point counts in float32, md5 points, lower-bound search with wrap.
+# Hashes use C's signed-char bytes where twemproxy does (x86 builds).
+
+def _signed(byte):
+    return byte - 256 if byte > 127 else byte
+
+
+def hash_md5(key):
+    return int.from_bytes(hashlib.md5(key).digest()[:4], "little")
+
+
+def hash_crc32(key):
+    """libmemcached's crc32: the standard CRC-32, bits 16..30 only."""
+    return (zlib.crc32(key) >> 16) & 0x7FFF
+
+
+def hash_crc32a(key):
+    return zlib.crc32(key)
+
+
+def hash_fnv1_64(key):
+    h = 0xCBF29CE484222325
+    for byte in key:
+        h = ((h * 0x100000001B3) ^ (_signed(byte) & UINT64_MASK)) & UINT64_MASK
+    return h & UINT32_MASK
+
+
+def hash_fnv1a_64(key):
+    """twemproxy's default: a 32-bit FNV-1a with the low halves of the 64-bit constants."""
+    h = 0x84222325
+    for byte in key:
+        h = ((h ^ (_signed(byte) & UINT32_MASK)) * 0x1B3) & UINT32_MASK
+    return h
+
+
+def hash_fnv1_32(key):
+    h = 2166136261
+    for byte in key:
+        h = ((h * 16777619) ^ (_signed(byte) & UINT32_MASK)) & UINT32_MASK
+    return h
+
+
+def hash_fnv1a_32(key):
+    h = 2166136261
+    for byte in key:
+        h = ((h ^ (_signed(byte) & UINT32_MASK)) * 16777619) & UINT32_MASK
+    return h
+
+
+def hash_one_at_a_time(key):
+    h = 0
+    for byte in key:
+        h = (h + _signed(byte)) & UINT32_MASK
+        h = (h + (h << 10)) & UINT32_MASK
+        h ^= h >> 6
+    h = (h + (h << 3)) & UINT32_MASK
+    h ^= h >> 11
+    return (h + (h << 15)) & UINT32_MASK
+
+
+HASHES = {"md5": hash_md5, "crc32": hash_crc32, "crc32a": hash_crc32a,
+          "fnv1_64": hash_fnv1_64, "fnv1a_64": hash_fnv1a_64, "fnv1_32": hash_fnv1_32,
+          "fnv1a_32": hash_fnv1a_32, "one_at_a_time": hash_one_at_a_time}
+DISTRIBUTIONS = ("ketama", "modula")
+KETAMA_POINTS_PER_SERVER = 160
+
+
+def _f32(x):
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def server_name(host, port, name=None):
+    """The string hashed onto the ring: the name if given, the host alone for
+    port 11211 (libmemcached's rule), else host:port, never resolved."""
+    if name:
+        return name
+    return host if port == 11211 else f"{host}:{port}"
+
+
+class Continuum:
+    """Which server owns a key (twemproxy's nc_ketama.c / nc_modula.c).
+
+    servers: list of (name, weight) in any order; twemproxy orders them by
+    (name length, name bytes), and index() answers positions in the list
+    as given. hash_name: a HASHES key. distribution: 'ketama' or 'modula'.
+    """
+
+    def __init__(self, servers, hash_name="fnv1a_64", distribution="ketama"):
+        if hash_name not in HASHES:
+            raise ConfigError(f"unknown hash {hash_name!r}; known: {', '.join(HASHES)}")
+        if distribution not in DISTRIBUTIONS:
+            raise ConfigError(f"unknown distribution {distribution!r}")
+        self.hash = HASHES[hash_name]
+        self.count = len(servers)
+        order = sorted(range(len(servers)), key=lambda i: (len(servers[i][0]), servers[i][0]))
+        if distribution == "modula":
+            self.slots = [i for i in order for _ in range(servers[i][1])]
+            self.points = None
+            return
+        total = sum(weight for _, weight in servers)
+        ring = []
+        for i in order:
+            name, weight = servers[i]
+            share = _f32(_f32(weight) / _f32(total))
+            count = _f32(_f32(_f32(share * KETAMA_POINTS_PER_SERVER) / 4) * _f32(len(servers)))
+            for k in range(int(_f32(count + 1e-10))):
+                digest = hashlib.md5(f"{name}-{k}".encode()).digest()
+                ring.extend((int.from_bytes(digest[j:j + 4], "little"), i) for j in (0, 4, 8, 12))
+        ring.sort()
+        self.points = [value for value, _ in ring]
+        self.owners = [owner for _, owner in ring]
+
+    def index(self, key):
+        """Position in the server list of the server that owns key (bytes)."""
+        if self.count == 1:
+            return 0
+        h = self.hash(key) if key else 0
+        if self.points is None:
+            return self.slots[h % len(self.slots)]
+        i = bisect.bisect_left(self.points, h)
+        return self.owners[i if i < len(self.owners) else 0]
+
+
+# ===== 5. Storage ============================================================
 #
 # Store is the item model (expiry, cas, flush_all, LRU) over an engine, the
 # store of record on disk. Every change is handed to `journal` (the update
@@ -881,7 +1091,7 @@ class Store:
                 self.evictions += 1
 
 
-# ===== 5. Update log =========================================================
+# ===== 6. Update log =========================================================
 #
 # The ulog is a directory of append-only files, ulog/<µs timestamp>.ulog,
 # each named by the time it was started, so names sort in write order and a
@@ -1068,7 +1278,7 @@ class UpdateLog:
 
 
 
-# ===== 6. Event loop and connections =========================================
+# ===== 7. Event loop and connections =========================================
 #
 # One selectors loop per process. A pass of the loop is: wait for events,
 # let every ready connection read and handle what it got (handlers queue
@@ -1164,6 +1374,8 @@ class EventLoop:
         self.selector.close()
 
     def _timeout(self):
+        if self.to_flush:
+            return 0   # replies queued outside a pass (e.g. before run()) go out now
         while self.timers and self.timers[0][2].cancelled:
             heapq.heappop(self.timers)
         if not self.timers:
@@ -1354,7 +1566,7 @@ class Listener:
             self.factory(sock, addr)
 
 
-# ===== 7. Server =============================================================
+# ===== 8. Server =============================================================
 #
 # ServerConnection turns command lines into Store calls through HANDLERS, a
 # table of cmd_* methods (memcached's process_command_ascii as a dict). Each
@@ -1879,7 +2091,605 @@ def serve(host=DEFAULT_HOST, port=DEFAULT_PORT, data_dir=DEFAULT_DATA_DIR, engin
     return Server(store, ulog, host, port, max_conns, enable_shutdown, settings)
 
 
-# ===== 8. CLI ================================================================
+# ===== 9. Bench ==============================================================
+#
+# A load generator in the spirit of memtier_benchmark, for any server that
+# speaks the memcached text or meta protocol. Each process runs one
+# EventLoop; each logical client holds one connection per server, keeps up
+# to `pipeline` requests in flight and picks each key's server with the
+# Continuum, as a client pool does. Client g of G (over all processes) owns
+# the keys whose index is g modulo G, so every write to a key travels one
+# connection in order and --verify knows which write was last. Values are
+# derived from the key and a per-client version, so a stale or damaged value
+# is told apart from the right one.
+
+BENCH_DEFAULTS = dict(
+    servers=(), clients=50, pipeline=1, ratio=(1, 10), data_size=32, data_size_range=None,
+    key_prefix="memtier-", key_minimum=0, key_maximum=10000000, key_pattern="R", multiget=1,
+    requests=10000, test_time=None, protocol="text", seed=None, processes=1,
+    hash="fnv1a_64", distribution="ketama", timeout=5.0, prefill=False, verify=False,
+    vs=None, rounds=3, json=None)
+BENCH_ERROR_KINDS = ("server_error", "client_error", "error", "parse", "disconnect",
+                     "timeout", "connect")
+PREFILL_PIPELINE = 64
+VERIFY_BATCH_KEYS = 100
+
+
+class Histogram:
+    """Latency histogram in microseconds, log-linear like HdrHistogram.
+
+    Values below 256 µs are exact; above, each power of two is cut into 128
+    buckets, so a reported value is within 0.4 % of the true one (up to
+    60 s; longer values are clamped). Two histograms merge by adding counts.
+    """
+
+    SUB_BUCKETS = 128
+    MAX_US = 60 * 1000 * 1000
+
+    def __init__(self):
+        self.counts = {}     # bucket index -> samples
+        self.count = 0
+        self.total = 0.0     # sum of samples, µs
+        self.max = 0.0
+
+    def record(self, microseconds):
+        value = min(max(int(microseconds), 0), self.MAX_US)
+        if value < 2 * self.SUB_BUCKETS:
+            index = value
+        else:
+            shift = value.bit_length() - 8
+            index = 2 * self.SUB_BUCKETS + (shift - 1) * self.SUB_BUCKETS + (value >> shift) - 128
+        self.counts[index] = self.counts.get(index, 0) + 1
+        self.count += 1
+        self.total += microseconds
+        if microseconds > self.max:
+            self.max = microseconds
+
+    def merge(self, other):
+        for index, n in other.counts.items():
+            self.counts[index] = self.counts.get(index, 0) + n
+        self.count += other.count
+        self.total += other.total
+        self.max = max(self.max, other.max)
+        return self
+
+    @property
+    def mean(self):
+        return self.total / self.count if self.count else 0.0
+
+    def percentile(self, p):
+        """The value (µs) at or below which p percent (0..100) of the samples fall."""
+        if not self.count:
+            return 0.0
+        rank = max(1, -(-self.count * p // 100))
+        seen = 0
+        for index in sorted(self.counts):
+            seen += self.counts[index]
+            if seen >= rank:
+                return min(self._midpoint(index), self.max)
+        return self.max
+
+    def _midpoint(self, index):
+        if index < 2 * self.SUB_BUCKETS:
+            return float(index)
+        shift = (index - 2 * self.SUB_BUCKETS) // self.SUB_BUCKETS + 1
+        low = ((index - 2 * self.SUB_BUCKETS) % self.SUB_BUCKETS + 128) << shift
+        return low + ((1 << shift) - 1) / 2
+
+
+class OpStats:
+    """Counters and latencies of one operation type (sets or gets)."""
+
+    def __init__(self):
+        self.ops = self.hits = self.misses = self.bytes = 0
+        self.latency = Histogram()
+
+    def merge(self, other):
+        self.ops += other.ops
+        self.hits += other.hits
+        self.misses += other.misses
+        self.bytes += other.bytes
+        self.latency.merge(other.latency)
+        return self
+
+
+def make_value(key, version, size):
+    """The value a bench write stores: version and key, repeated to `size` bytes."""
+    seed = b"%x:%b:" % (version, key)
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+class BenchConnection(Connection):
+    """One client's connection to one server; replies pair with requests in order."""
+
+    def __init__(self, client, server_index, sock):
+        super().__init__(client.run.loop, sock, client.run.addresses[server_index])
+        self.client = client             # the BenchClient this belongs to
+        self.server_index = server_index
+        self.pending = collections.deque()  # (kind, expect, sent at, keys, versions, nbytes)
+        self.inbuf = b""
+
+    def send_request(self, kind, expect, data, keys, versions):
+        self.pending.append((kind, expect, time.perf_counter(), keys, versions, len(data)))
+        self.write(data)
+
+    def fail(self, kind):
+        """Count every request in flight as an error of `kind` and drop the connection."""
+        if self.pending:
+            self.client.run.errors[kind] += len(self.pending)
+            self.client.in_flight -= len(self.pending)
+            self.pending.clear()
+        self.close()
+
+    def data_received(self, data):
+        buf = self.inbuf + data if self.inbuf else data
+        pos = 0
+        try:
+            while self.pending:
+                kind, expect, sent_at, keys, versions, nbytes = self.pending[0]
+                reply = read_reply(buf, pos, expect)
+                if reply is None:
+                    break
+                self.pending.popleft()
+                end, status, hits = reply
+                self.client.complete(kind, sent_at, keys, versions, status, hits,
+                                     nbytes + end - pos)
+                pos = end
+        except BadReply as err:
+            log.debug("bench: %s from %s", err, self.addr)
+            self.fail("parse")
+            return
+        self.inbuf = buf[pos:]
+        if self.inbuf and not self.pending:
+            self.client.run.errors["parse"] += 1   # bytes nobody asked for
+            self.close()
+            return
+        self.client.fill()
+
+    def connection_lost(self):
+        if not self.client.run.finished:
+            self.fail("disconnect")
+        self.client.lost(self)
+
+
+class BenchClient:
+    """A logical client: one connection per server, `pipeline` requests in flight."""
+
+    def __init__(self, run, number):
+        self.run = run                  # the BenchRun
+        self.number = number            # global client number g of G
+        self.keys = len(range(run.key_minimum + number, run.key_maximum + 1, run.clients_total))
+        self.rng = random.Random(None if run.seed is None else run.seed * 1000003 + number)
+        self.connections = [None] * len(run.addresses)
+        self.in_flight = 0
+        self.issued = 0                 # requests sent
+        self.step = 0                   # position in the set:get cycle
+        self.sequence = 0               # next key for the S pattern
+        self.version = 0                # of this client's writes
+        self.done = False
+        self.queue = None               # fixed request list (prefill, verify) or None
+
+    def start(self, queue=None):
+        self.queue = queue
+        self.fill()
+
+    def fill(self):
+        """Send requests until `pipeline` are in flight; finish when none are left."""
+        while not self.done and self.in_flight < self.run.pipeline:
+            request = self._take_request()
+            if request is None:
+                if self.in_flight == 0:
+                    self.finish()
+                return
+            self._send(*request)
+
+    def complete(self, kind, sent_at, keys, versions, status, hits, nbytes):
+        run = self.run
+        self.in_flight -= 1
+        stats = run.sets if kind == "set" else run.gets
+        if status.startswith(ERROR_PREFIXES):
+            run.errors[status.split(b" ", 1)[0].lower().decode()] += 1
+        elif run.recording:
+            stats.ops += 1
+            stats.bytes += nbytes
+            stats.latency.record((time.perf_counter() - sent_at) * 1e6)
+            if kind == "get":
+                stats.hits += len(hits)
+                stats.misses += len(keys) - len(hits)
+        elif kind == "set" and not run.recording:
+            run.prefilled += 1
+        if kind == "set":
+            if status in (b"STORED", b"HD") and run.written is not None:
+                run.written[keys[0]] = versions
+        elif kind == "verify":
+            run.check(keys, hits)
+
+    def lost(self, conn):
+        self.connections[conn.server_index] = None
+        if not self.done:
+            self.fill()
+
+    def finish(self):
+        if not self.done:
+            self.done = True
+            self.run.client_done()
+
+    def _take_request(self):
+        """(kind, key indexes, versions) of the next request, or None when done."""
+        run = self.run
+        if self.queue is not None:
+            return self.queue.pop() if self.queue else None
+        if run.stopping or (run.requests and self.issued >= run.requests):
+            return None
+        return self._next_request()
+
+    def _next_request(self):
+        run = self.run
+        set_steps, get_steps = run.ratio
+        is_set = self.step % (set_steps + get_steps) < set_steps
+        self.step += 1
+        self.issued += 1
+        if is_set:
+            index = self._next_index()
+            self.version += 1
+            return "set", [index], (self.version, run.value_size(self.rng))
+        return "get", [self._next_index() for _ in range(run.multiget)], None
+
+    def _next_index(self):
+        run = self.run
+        if run.key_pattern == "S":
+            j = self.sequence % self.keys
+            self.sequence += 1
+        elif run.key_pattern == "G":
+            span = run.key_maximum - run.key_minimum + 1
+            x = self.rng.gauss(span / 2, span / 6)
+            j = min(max(int(x) // run.clients_total, 0), self.keys - 1)
+        else:
+            j = self.rng.randrange(self.keys)
+        return run.key_minimum + self.number + j * run.clients_total
+
+    def _send(self, kind, indexes, versions):
+        run = self.run
+        keys = [run.key(i) for i in indexes]
+        groups = {}
+        for index, key in zip(indexes, keys):
+            groups.setdefault(run.continuum.index(key), []).append((index, key))
+        for server_index, group in groups.items():
+            conn = self._connection(server_index)
+            if conn is None:
+                continue
+            data, expect = run.encode(kind, [k for _, k in group], versions)
+            conn.send_request(kind, expect, data, [i for i, _ in group], versions)
+            self.in_flight += 1
+
+    def _connection(self, server_index):
+        conn = self.connections[server_index]
+        if conn is None:
+            address = self.run.addresses[server_index]
+            try:
+                sock = socket.create_connection(address, timeout=self.run.timeout)
+            except OSError as err:
+                self.run.errors["connect"] += 1
+                self.run.connect_error = f"cannot connect to {address[0]}:{address[1]}: {err}"
+                self.finish()
+                return None
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = self.connections[server_index] = BenchConnection(self, server_index, sock)
+        return conn
+
+
+class BenchRun:
+    """One timed run of the workload in this process (worker `worker` of `workers`)."""
+
+    def __init__(self, options, worker=0, workers=1, progress=None):
+        self.loop = EventLoop()
+        self.addresses = [parse_address(s) for s in options["servers"]]
+        self.continuum = Continuum([(server_name(h, p), 1) for h, p in self.addresses],
+                                   options["hash"], options["distribution"])
+        for name in ("clients", "pipeline", "ratio", "data_size", "data_size_range",
+                     "key_minimum", "key_maximum", "key_pattern", "multiget", "requests",
+                     "test_time", "protocol", "seed", "timeout", "prefill", "verify"):
+            setattr(self, name, options[name])
+        self.prefix = options["key_prefix"].encode()
+        if self.test_time:
+            self.requests = 0
+        self.clients_total = self.clients * workers
+        self.progress = progress        # shared array slot for ops so far, or None
+        self.worker = worker
+        self.sets, self.gets = OpStats(), OpStats()
+        self.errors = dict.fromkeys(BENCH_ERROR_KINDS, 0)
+        self.written = {} if self.verify else None   # key index -> (version, size) last stored
+        self.verified = {"checked": 0, "missing": 0, "wrong": 0}
+        self.prefilled = 0
+        self.recording = False
+        self.stopping = False
+        self.finished = False
+        self.connect_error = None
+        self.active = 0
+        self.clients_list = [BenchClient(self, worker * self.clients + i)
+                             for i in range(self.clients)]
+        self.loop.call_every(0.25, self._check_timeouts)
+
+    def key(self, index):
+        return b"%b%d" % (self.prefix, index)
+
+    def value_size(self, rng):
+        if self.data_size_range:
+            return rng.randint(*self.data_size_range)
+        return self.data_size
+
+    def encode(self, kind, keys, versions):
+        """(request bytes, REPLY_* kind) for a set of one key or a get of keys."""
+        meta = self.protocol == "meta"
+        if kind == "set":
+            value = make_value(keys[0], *versions)
+            if meta:
+                return b"ms %b %d\r\n%b\r\n" % (keys[0], len(value), value), REPLY_META
+            return b"set %b 0 0 %d\r\n%b\r\n" % (keys[0], len(value), value), REPLY_LINE
+        if not meta:
+            return b"get " + b" ".join(keys) + CRLF, REPLY_VALUES
+        if len(keys) == 1:
+            return b"mg %b k v\r\n" % keys[0], REPLY_META
+        return b"".join(b"mg %b k v q\r\n" % k for k in keys) + b"mn\r\n", REPLY_META_BATCH
+
+    def run(self):
+        """Prefill if asked, run the timed workload, verify if asked; returns a result dict."""
+        if self.prefill:
+            self._phase(lambda c: [("set", [i], (0, self.value_size(c.rng)))
+                                   for i in self._own_keys(c)], pipeline=PREFILL_PIPELINE)
+        self.recording = True
+        started = time.perf_counter()
+        if self.test_time:
+            self.loop.call_later(self.test_time, self._stop)
+        self._phase(None)
+        elapsed = time.perf_counter() - started
+        self.recording = False
+        if self.verify:
+            self._phase(lambda c: [("verify", chunk, None) for chunk in self._chunks(c)],
+                        pipeline=PREFILL_PIPELINE)
+        self.finished = True
+        for client in self.clients_list:
+            for conn in client.connections:
+                if conn is not None:
+                    conn.close()
+        self.loop.close()
+        if self.connect_error:
+            raise BackendUnavailable(self.connect_error)
+        return {"seconds": elapsed, "sets": self.sets, "gets": self.gets,
+                "errors": self.errors, "prefill": self.prefilled,
+                "verify": self.verified if self.verify else None}
+
+    def check(self, indexes, hits):
+        """Compare the values a verify read got with what was written last."""
+        found = {key: data for key, flags, data in hits}
+        for index in indexes:
+            version, size = self.written[index]
+            key = self.key(index)
+            self.verified["checked"] += 1
+            if key not in found:
+                self.verified["missing"] += 1
+            elif found[key] != make_value(key, version, size):
+                self.verified["wrong"] += 1
+
+    def client_done(self):
+        self.active -= 1
+        if self.active <= 0:
+            self.loop.stop()
+
+    def _phase(self, make_queue, pipeline=None):
+        saved = self.pipeline
+        self.pipeline = pipeline or saved
+        self.stopping = False
+        self.active = len(self.clients_list)
+        for client in self.clients_list:
+            client.done = False
+            client.start(None if make_queue is None else make_queue(client)[::-1])
+        if self.active > 0:
+            self.loop.run()
+        self.pipeline = saved
+
+    def _own_keys(self, client):
+        return range(self.key_minimum + client.number, self.key_maximum + 1, self.clients_total)
+
+    def _chunks(self, client):
+        owned = sorted(i for i in self.written if (i - self.key_minimum) % self.clients_total
+                       == client.number)
+        return [owned[i:i + VERIFY_BATCH_KEYS] for i in range(0, len(owned), VERIFY_BATCH_KEYS)]
+
+    def _stop(self):
+        self.stopping = True
+        for client in self.clients_list:
+            client.fill()
+
+    def _check_timeouts(self):
+        current = time.perf_counter()
+        for client in self.clients_list:
+            for conn in client.connections:
+                if conn is not None and conn.pending and current - conn.pending[0][2] > self.timeout:
+                    conn.fail("timeout")
+        if self.progress is not None:
+            self.progress(self.worker, self.sets.ops + self.gets.ops)
+
+
+class ProgressLine:
+    """`ops/s so far, elapsed` on one stderr line, only when stderr is a terminal."""
+
+    def __init__(self, workers):
+        self.enabled = sys.stderr.isatty()
+        self.ops = [0] * workers
+        self.started = time.monotonic()
+        self.shown = 0.0
+
+    def __call__(self, worker, ops):
+        self.ops[worker] = ops
+        elapsed = time.monotonic() - self.started
+        if self.enabled and elapsed - self.shown >= 1.0:
+            self.shown = elapsed
+            sys.stderr.write(f"\r[{elapsed:5.0f} s] {sum(self.ops):>12,} ops "
+                             f"{sum(self.ops) / elapsed:>12,.0f} ops/s ")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.enabled and self.shown:
+            sys.stderr.write("\n")
+
+
+def _bench_worker(options, worker, workers, results, progress):
+    try:
+        report = lambda w, ops: progress.__setitem__(w, ops)
+        results.put(("ok", BenchRun(options, worker, workers, report).run()))
+    except MemtoolError as err:
+        results.put(("error", str(err)))
+
+
+def run_workload(options):
+    """Run the workload on options["processes"] processes; returns the summary dict.
+
+    Raises BackendUnavailable when a server cannot be reached.
+    """
+    workers = options["processes"]
+    progress = ProgressLine(workers)
+    if workers == 1:
+        results = [BenchRun(options, progress=progress).run()]
+    else:
+        context = multiprocessing.get_context()
+        shared = context.Array("q", workers, lock=False)
+        queue = context.Queue()
+        processes = [context.Process(target=_bench_worker,
+                                     args=(options, w, workers, queue, shared), daemon=True)
+                     for w in range(workers)]
+        for process in processes:
+            process.start()
+        results = []
+        while len(results) < workers:
+            try:
+                status, result = queue.get(timeout=1.0)
+            except Empty:
+                if any(p.exitcode not in (None, 0) for p in processes):
+                    raise MemtoolError("a bench process died; run with -v to see why")
+                for w in range(workers):
+                    progress(w, shared[w])
+                continue
+            if status == "error":
+                raise BackendUnavailable(result)
+            results.append(result)
+        for process in processes:
+            process.join()
+    progress.close()
+    return summarize(options, results)
+
+
+def summarize(options, results):
+    """Merge per-process results into the report dict (see format_report)."""
+    seconds = max(r["seconds"] for r in results) or 1e-9
+    sets, gets = OpStats(), OpStats()
+    errors = dict.fromkeys(BENCH_ERROR_KINDS, 0)
+    verify = None
+    for r in results:
+        sets.merge(r["sets"])
+        gets.merge(r["gets"])
+        for kind, n in r["errors"].items():
+            errors[kind] += n
+        if r["verify"] is not None:
+            verify = verify or dict.fromkeys(r["verify"], 0)
+            for name, n in r["verify"].items():
+                verify[name] += n
+    totals = OpStats().merge(sets).merge(gets)
+
+    def figures(s):
+        lat = s.latency
+        return {"ops": s.ops, "ops_per_sec": s.ops / seconds, "hits": s.hits,
+                "misses": s.misses, "hits_per_sec": s.hits / seconds,
+                "misses_per_sec": s.misses / seconds, "kb_per_sec": s.bytes / 1024 / seconds,
+                "latency_ms": {"avg": lat.mean / 1000, "p50": lat.percentile(50) / 1000,
+                               "p90": lat.percentile(90) / 1000, "p99": lat.percentile(99) / 1000,
+                               "p99.9": lat.percentile(99.9) / 1000, "max": lat.max / 1000}}
+
+    return {"config": dict(options), "seconds": seconds, "sets": figures(sets),
+            "gets": figures(gets), "totals": figures(totals), "errors": errors,
+            "prefill": {"sets": sum(r["prefill"] for r in results)}, "verify": verify}
+
+
+def _median_of(values):
+    """Median of report dicts, leaf by leaf (numbers only; the rest from the first)."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: _median_of([v[k] for v in values]) for k in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return statistics.median(values)
+    return first
+
+
+def bench(**options):
+    """Run `memtool.py bench` with options as BENCH_DEFAULTS names them; returns the report.
+
+    servers: ["host:port", ...]; ratio: (sets, gets); data_size_range: (min,
+    max) bytes or None; requests per client, or test_time seconds. With vs
+    ("host:port") the workload runs against servers (A) and vs (B) alternately,
+    `rounds` times each, and the report holds per-side medians and A/B ratios.
+    Raises BackendUnavailable when a server cannot be reached.
+    """
+    options = dict(BENCH_DEFAULTS, **options)
+    if not options["vs"]:
+        return run_workload(options)
+    sides = {"a": dict(options, vs=None), "b": dict(options, servers=[options["vs"]], vs=None)}
+    rounds = []
+    for number in range(options["rounds"]):
+        for side, side_options in sides.items():
+            report = run_workload(dict(side_options, prefill=options["prefill"] and number == 0))
+            rounds.append(dict(report, side=side, round=number))
+    result = {"config": dict(options), "rounds": rounds}
+    for side in sides:
+        result[side] = _median_of([r for r in rounds if r["side"] == side])
+    a, b = result["a"], result["b"]
+    result["ratio"] = {
+        "ops_per_sec": a["totals"]["ops_per_sec"] / max(b["totals"]["ops_per_sec"], 1e-9),
+        "sets_ops_per_sec": a["sets"]["ops_per_sec"] / max(b["sets"]["ops_per_sec"], 1e-9),
+        "gets_ops_per_sec": a["gets"]["ops_per_sec"] / max(b["gets"]["ops_per_sec"], 1e-9),
+        "p50_latency": a["totals"]["latency_ms"]["p50"] / max(b["totals"]["latency_ms"]["p50"], 1e-9),
+        "p99_latency": a["totals"]["latency_ms"]["p99"] / max(b["totals"]["latency_ms"]["p99"], 1e-9)}
+    return result
+
+
+def format_report(report):
+    """The memtier-style table(s) of a bench() report, as text."""
+    if "ratio" in report:
+        config = report["config"]
+        lines = [format_report(dict(report["a"], title="A: " + " ".join(config["servers"]))),
+                 format_report(dict(report["b"], title="B: " + config["vs"])),
+                 "ratio A/B (medians of %d rounds): ops/s %.2f, sets/s %.2f, gets/s %.2f, "
+                 "p50 latency %.2f, p99 latency %.2f" % (
+                     config["rounds"], *(report["ratio"][k] for k in (
+                         "ops_per_sec", "sets_ops_per_sec", "gets_ops_per_sec",
+                         "p50_latency", "p99_latency")))]
+        return "\n\n".join(lines)
+    config = report["config"]
+    title = report.get("title") or " ".join(config["servers"])
+    header = ("%-8s %12s %12s %12s %15s %15s %15s %15s %12s" % (
+        "Type", "Ops/sec", "Hits/sec", "Misses/sec", "Avg. Latency", "p50 Latency",
+        "p99 Latency", "p99.9 Latency", "KB/sec"))
+    lines = [f"{title}: {report['seconds']:.1f} s, {config['processes']} process(es) x "
+             f"{config['clients']} clients, pipeline {config['pipeline']}, "
+             f"ratio {config['ratio'][0]}:{config['ratio'][1]}, latencies in ms",
+             header, "-" * len(header)]
+    for name in ("sets", "gets", "totals"):
+        f = report[name]
+        lat = f["latency_ms"]
+        hits = "---" if name == "sets" else "%.2f" % f["hits_per_sec"]
+        misses = "---" if name == "sets" else "%.2f" % f["misses_per_sec"]
+        lines.append("%-8s %12.2f %12s %12s %15.5f %15.5f %15.5f %15.5f %12.2f" % (
+            name.capitalize(), f["ops_per_sec"], hits, misses, lat["avg"], lat["p50"],
+            lat["p99"], lat["p99.9"], f["kb_per_sec"]))
+    errors = ", ".join(f"{k} {v}" for k, v in report["errors"].items() if v)
+    lines.append("errors: " + (errors or "none"))
+    if report["verify"] is not None:
+        v = report["verify"]
+        lines.append(f"verify: {v['checked']} keys checked, {v['missing']} missing, "
+                     f"{v['wrong']} wrong")
+    return "\n".join(lines)
+
+
+# ===== 10. CLI ===============================================================
 
 def _size_arg(text):
     try:
@@ -1905,6 +2715,28 @@ def _int_arg(low, high):
             raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
         return value
     return convert
+
+
+def _address_arg(text):
+    try:
+        parse_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err))
+    return text
+
+
+def _ratio_arg(text):
+    sets, sep, gets = text.partition(":")
+    if not (sep and sets.isdigit() and gets.isdigit()) or int(sets) + int(gets) == 0:
+        raise argparse.ArgumentTypeError(f"not SET:GET with at least one nonzero: {text!r}")
+    return int(sets), int(gets)
+
+
+def _range_arg(text):
+    low, sep, high = text.partition("-")
+    if not (sep and low.isdigit() and high.isdigit()) or not 0 < int(low) <= int(high):
+        raise argparse.ArgumentTypeError(f"not MIN-MAX with 0 < MIN <= MAX: {text!r}")
+    return int(low), int(high)
 
 
 def build_parser():
@@ -1949,6 +2781,51 @@ def build_parser():
         help="allow the `shutdown` command (memcached -A)")
     add("--pid", metavar="FILE", help="write the process id to FILE")
     serve_parser.set_defaults(func=_cmd_serve)
+
+    bench_parser = commands.add_parser(
+        "bench", parents=[common], help="load-test any memcached-compatible server",
+        description="Drive memcached-compatible servers with a set/get workload and report "
+                    "throughput and latency (memtier_benchmark's option names).")
+    add = bench_parser.add_argument
+    add("-s", "--server", dest="servers", action="append", type=_address_arg, required=True,
+        metavar="HOST:PORT", help="server to load; repeat for a pool (keys spread by the ring)")
+    add("-c", "--clients", type=_int_arg(1, 100000), default=50,
+        help="connections per process (default %(default)s)")
+    add("--pipeline", type=_int_arg(1, 100000), default=1,
+        help="requests in flight per client (default %(default)s)")
+    add("--ratio", type=_ratio_arg, default=(1, 10), metavar="SET:GET",
+        help="sets to gets (default 1:10)")
+    add("-d", "--data-size", type=_int_arg(1, 1 << 30), default=32, metavar="BYTES",
+        help="value size (default %(default)s)")
+    add("--data-size-range", type=_range_arg, metavar="MIN-MAX",
+        help="value sizes drawn uniformly from MIN..MAX bytes")
+    add("--key-prefix", default="memtier-", help="key prefix (default %(default)s)")
+    add("--key-minimum", type=_int_arg(0, 1 << 62), default=0, metavar="N")
+    add("--key-maximum", type=_int_arg(0, 1 << 62), default=10000000, metavar="N")
+    add("--key-pattern", choices=("R", "S", "G"), default="R",
+        help="R random, S sequential, G gaussian (default R)")
+    add("--multiget", type=_int_arg(1, 10000), default=1, metavar="N", help="keys per get")
+    add("-n", "--requests", type=_int_arg(1, 1 << 62), default=10000,
+        help="requests per client (default %(default)s)")
+    add("--test-time", type=_int_arg(1, 1 << 30), metavar="SECONDS",
+        help="run this long instead of a request count")
+    add("--protocol", choices=("text", "meta"), default="text")
+    add("--seed", type=int, help="random seed, for repeatable key sequences")
+    add("--processes", type=_int_arg(1, 1024), default=1,
+        help="load-generating processes, each with --clients connections (default 1)")
+    add("--hash", choices=sorted(HASHES), default="fnv1a_64",
+        help="key hash for several servers (twemproxy's names; default fnv1a_64)")
+    add("--distribution", choices=DISTRIBUTIONS, default="ketama")
+    add("--timeout", type=float, default=5.0, metavar="SECONDS",
+        help="a request without a reply after this long is an error (default 5)")
+    add("--prefill", action="store_true", help="store every key once before timing")
+    add("--verify", action="store_true",
+        help="afterwards, read back every key written and compare the values")
+    add("--vs", type=_address_arg, metavar="HOST:PORT",
+        help="also run against this server, alternately, and report the A/B ratios")
+    add("--rounds", type=_int_arg(1, 1000), default=3, help="rounds per side with --vs")
+    add("--json", metavar="FILE", help="write every figure and the configuration as JSON")
+    bench_parser.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -1967,6 +2844,20 @@ def _cmd_serve(args):
     return 0
 
 
+def _cmd_bench(args):
+    options = {name: getattr(args, name) for name in BENCH_DEFAULTS}
+    span = args.key_maximum - args.key_minimum + 1
+    if span < args.clients * args.processes:
+        raise ConfigError(f"the key range ({span} keys) is smaller than the number of "
+                          f"clients ({args.clients * args.processes})")
+    report = bench(**options)
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
 def main(argv=None):
     """Run the command line; returns the exit code (0 ok, 1 runtime error, 2 usage)."""
     args = build_parser().parse_args(argv)
@@ -1975,7 +2866,7 @@ def main(argv=None):
                         format="%(asctime)s memtool[%(process)d] %(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, OSError) as err:
+    except (MemtoolError, OSError) as err:
         if args.verbose > 1:
             raise
         print(f"memtool: {err}", file=sys.stderr)
