@@ -2125,29 +2125,31 @@ class Histogram:
 
     SUB_BUCKETS = 128
     MAX_US = 60 * 1000 * 1000
+    BUCKETS = 2 * SUB_BUCKETS + (MAX_US.bit_length() - 8) * SUB_BUCKETS
 
     def __init__(self):
-        self.counts = {}     # bucket index -> samples
+        self.counts = [0] * self.BUCKETS   # samples per bucket
         self.count = 0
         self.total = 0.0     # sum of samples, µs
         self.max = 0.0
 
     def record(self, microseconds):
-        value = min(max(int(microseconds), 0), self.MAX_US)
-        if value < 2 * self.SUB_BUCKETS:
-            index = value
+        value = int(microseconds)
+        if value < 256:
+            index = value if value > 0 else 0
         else:
+            if value > self.MAX_US:
+                value = self.MAX_US
             shift = value.bit_length() - 8
-            index = 2 * self.SUB_BUCKETS + (shift - 1) * self.SUB_BUCKETS + (value >> shift) - 128
-        self.counts[index] = self.counts.get(index, 0) + 1
+            index = 128 + shift * 128 + (value >> shift) - 128
+        self.counts[index] += 1
         self.count += 1
         self.total += microseconds
         if microseconds > self.max:
             self.max = microseconds
 
     def merge(self, other):
-        for index, n in other.counts.items():
-            self.counts[index] = self.counts.get(index, 0) + n
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
         self.count += other.count
         self.total += other.total
         self.max = max(self.max, other.max)
@@ -2163,8 +2165,8 @@ class Histogram:
             return 0.0
         rank = max(1, -(-self.count * p // 100))
         seen = 0
-        for index in sorted(self.counts):
-            seen += self.counts[index]
+        for index, n in enumerate(self.counts):
+            seen += n
             if seen >= rank:
                 return min(self._midpoint(index), self.max)
         return self.max
@@ -2333,6 +2335,8 @@ class BenchClient:
             index = self._next_index()
             self.version += 1
             return "set", [index], (self.version, run.value_size(self.rng))
+        if run.multiget == 1:
+            return "get", [self._next_index()], None
         return "get", [self._next_index() for _ in range(run.multiget)], None
 
     def _next_index(self):
@@ -2345,21 +2349,25 @@ class BenchClient:
             x = self.rng.gauss(span / 2, span / 6)
             j = min(max(int(x) // run.clients_total, 0), self.keys - 1)
         else:
-            j = self.rng.randrange(self.keys)
+            j = int(self.rng.random() * self.keys)
         return run.key_minimum + self.number + j * run.clients_total
 
     def _send(self, kind, indexes, versions):
+        """One request per server that owns some of the keys."""
         run = self.run
-        keys = [run.key(i) for i in indexes]
-        groups = {}
-        for index, key in zip(indexes, keys):
-            groups.setdefault(run.continuum.index(key), []).append((index, key))
-        for server_index, group in groups.items():
-            conn = self._connection(server_index)
+        if len(self.connections) == 1:
+            groups = ((0, indexes),)
+        else:
+            owners = {}
+            for index in indexes:
+                owners.setdefault(run.continuum.index(run.key(index)), []).append(index)
+            groups = owners.items()
+        for server_index, group in groups:
+            conn = self.connections[server_index] or self._connection(server_index)
             if conn is None:
                 continue
-            data, expect = run.encode(kind, [k for _, k in group], versions)
-            conn.send_request(kind, expect, data, [i for i, _ in group], versions)
+            data, expect = run.encode(kind, group, versions)
+            conn.send_request(kind, expect, data, group, versions)
             self.in_flight += 1
 
     def _connection(self, server_index):
@@ -2418,9 +2426,10 @@ class BenchRun:
             return rng.randint(*self.data_size_range)
         return self.data_size
 
-    def encode(self, kind, keys, versions):
+    def encode(self, kind, indexes, versions):
         """(request bytes, REPLY_* kind) for a set of one key or a get of keys."""
         meta = self.protocol == "meta"
+        keys = [b"%b%d" % (self.prefix, i) for i in indexes]
         if kind == "set":
             value = make_value(keys[0], *versions)
             if meta:
