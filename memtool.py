@@ -2111,6 +2111,7 @@ BENCH_DEFAULTS = dict(
     vs=None, rounds=3, json=None)
 BENCH_ERROR_KINDS = ("server_error", "client_error", "error", "parse", "disconnect",
                      "timeout", "connect")
+SET_REPLIES = (b"STORED", b"NOT_STORED", b"EXISTS", b"NOT_FOUND", b"HD", b"NS", b"EX", b"NF")
 PREFILL_PIPELINE = 64
 VERIFY_BATCH_KEYS = 100
 
@@ -2232,8 +2233,11 @@ class BenchConnection(Connection):
                 reply = read_reply(buf, pos, expect)
                 if reply is None:
                     break
-                self.pending.popleft()
                 end, status, hits = reply
+                if kind == "set" and status not in SET_REPLIES and \
+                        not status.startswith(ERROR_PREFIXES):
+                    raise BadReply(f"{status[:80]!r} is no reply to a set")
+                self.pending.popleft()
                 self.client.complete(kind, sent_at, keys, versions, status, hits,
                                      nbytes + end - pos)
                 pos = end
@@ -2276,14 +2280,21 @@ class BenchClient:
         self.fill()
 
     def fill(self):
-        """Send requests until `pipeline` are in flight; finish when none are left."""
+        """Send requests until `pipeline` are in flight; finish when none are left.
+
+        The requests leave at once, not at the end of the loop pass: a load
+        generator wants the server busy while it parses the other replies.
+        """
         while not self.done and self.in_flight < self.run.pipeline:
             request = self._take_request()
             if request is None:
                 if self.in_flight == 0:
                     self.finish()
-                return
+                break
             self._send(*request)
+        for conn in self.connections:
+            if conn is not None and conn.outbuf:
+                conn.flush()
 
     def complete(self, kind, sent_at, keys, versions, status, hits, nbytes):
         run = self.run
