@@ -1,0 +1,86 @@
+"""`memtool.py serve` as a program: options, signals, engines, files."""
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from support import MEMTOOL, REPO, STOP_TIMEOUT, MemtoolServer, free_port, missing_engines
+
+pytestmark = pytest.mark.memtool_only
+
+
+def run_memtool(*args, timeout=30):
+    return subprocess.run([sys.executable, str(MEMTOOL), *args], cwd=str(REPO),
+                          capture_output=True, timeout=timeout)
+
+
+def test_serve_help_lists_the_options():
+    r = run_memtool("serve", "--help")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    for option in ("--port", "--listen", "--data", "--engine", "--max-item-size", "--max-conns",
+                   "--memory-limit", "--sync", "--ulog-limit", "--sid", "--pid",
+                   "--enable-shutdown"):
+        assert option in out, option
+
+
+@pytest.mark.skipif(not missing_engines(), reason="every dbm engine imports on this Python")
+def test_missing_engine_is_refused_naming_the_alternatives(tmp_path):
+    r = run_memtool("serve", "-p", str(free_port()), "-l", "127.0.0.1", "--data",
+                    str(tmp_path / "d"), "--engine", missing_engines()[0])
+    assert r.returncode != 0
+    err = r.stderr.decode()
+    for alternative in ("sqlite", "dumb", "memory"):
+        assert alternative in err, err
+
+
+def test_unknown_engine_is_refused(tmp_path):
+    r = run_memtool("serve", "-p", str(free_port()), "--data", str(tmp_path / "d"),
+                    "--engine", "bogus")
+    assert r.returncode != 0
+    assert b"sqlite" in r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly(tmp_path, sig):
+    with MemtoolServer(tmp_path) as srv:
+        srv.start()
+        with srv.session() as idle, srv.session() as s:
+            s.set(b"k", b"v")
+            srv.proc.send_signal(sig)
+            assert srv.proc.wait(STOP_TIMEOUT) == 0
+            idle.expect_closed()
+
+
+def test_pid_file_and_data_layout(tmp_path, engine):
+    pid_file = tmp_path / "memtool.pid"
+    with MemtoolServer(tmp_path, engine=engine, extra=["--pid", str(pid_file)]) as srv:
+        srv.start()
+        assert int(pid_file.read_text().strip()) == srv.proc.pid
+        with srv.session() as s:
+            s.set(b"k", b"v")
+        assert srv.stop() == 0
+        if engine != "memory":                  # memory keeps no files at all
+            assert list(srv.data.glob("store.*")), sorted(srv.data.iterdir())
+            assert list((srv.data / "ulog").glob("*.ulog")), sorted(srv.data.rglob("*"))
+
+
+def test_memory_engine_evicts_least_recently_used(tmp_path):
+    with MemtoolServer(tmp_path, engine="memory", extra=["-m", "1"]) as srv:
+        srv.start()
+        with srv.session() as s:
+            value = b"v" * 10000
+            keys = [b"lru%03d" % i for i in range(300)]      # 3 MB into a 1 MB cache
+            for i, k in enumerate(keys):
+                s.set(k, value)
+                if i % 10 == 0:
+                    assert s.get(keys[0]) == value          # keep the first key hot
+            assert s.get(keys[0]) == value
+            assert s.get(keys[1]) is None
+            assert s.get(keys[-1]) == value
+            st = s.stats()
+            assert int(st["evictions"]) > 0
+            assert int(st["limit_maxbytes"]) == 1024 * 1024
+            assert 0 < int(st["bytes"]) <= 1024 * 1024
+            assert 0 < int(st["curr_items"]) < 105
