@@ -1542,7 +1542,8 @@ class Listener:
     def __init__(self, loop, host, port, factory, backlog=1024):
         self.loop = loop
         self.factory = factory
-        self.sock = socket.create_server((host, port), backlog=backlog, reuse_port=False)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, port), family=family, backlog=backlog)
         self.sock.setblocking(False)
         self.address = self.sock.getsockname()[:2]
         loop.selector.register(self.sock, selectors.EVENT_READ, self._on_accept)

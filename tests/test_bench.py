@@ -244,7 +244,7 @@ def check_figures(name, fig, count_type=int):
         assert 0 < lat["avg"] <= lat["max"] * 1.02 + 0.001, (name, lat)
 
 
-def check_report(report, seconds_expected=True):
+def check_report(report):
     assert set(report) >= {"config", "seconds", "sets", "gets", "totals", "errors",
                            "prefill", "verify"}, sorted(report)
     config = report["config"]
@@ -278,8 +278,10 @@ def check_table(stdout):
 
 # --------------------------------------------------------------------------- 1. a short run
 
-def test_short_run_report_and_server_stats_agree(tmp_path, fresh_server):
-    result, report = bench_ok(tmp_path, "-s", addr(fresh_server), *SMALL)
+@pytest.mark.parametrize("pipeline", [1, 8])
+def test_short_run_report_and_server_stats_agree(tmp_path, fresh_server, pipeline):
+    result, report = bench_ok(tmp_path, "-s", addr(fresh_server), "--pipeline", pipeline,
+                              *SMALL)
     check_table(result.stdout)
     check_report(report)
     assert report["verify"] is None
@@ -293,7 +295,8 @@ def test_short_run_report_and_server_stats_agree(tmp_path, fresh_server):
     assert totals["kb_per_sec"] > 0
     config = report["config"]
     assert (config["clients"], config["requests"], config["key_minimum"],
-            config["key_maximum"], config["seed"]) == (4, 200, 1, 500, 7)
+            config["key_maximum"], config["seed"], config["pipeline"]) == (4, 200, 1, 500, 7,
+                                                                          pipeline)
     st = counters(fresh_server)
     assert st["cmd_set"] == sets["ops"], (st, sets["ops"])
     assert st["cmd_get"] == gets["ops"], (st, gets["ops"])
@@ -353,6 +356,34 @@ def test_keys_and_values_on_the_server_follow_the_options(tmp_path, start_server
     assert sorted(items) == sorted(b"bt-%d" % i for i in range(10, 61)), sorted(items)
     lengths = {len(value) for _, value, _ in items.values()}
     assert low <= min(lengths) and max(lengths) <= high, lengths
+
+
+@pytest.mark.parametrize("pattern", ["R", "S", "G"])
+def test_every_key_pattern_stays_in_the_key_range(tmp_path, start_server, pattern):
+    # After prefill, a key outside [min, max] would be a miss.
+    srv = start_server("memcached" if MEMCACHED_BIN else "memtool")
+    _, report = bench_ok(tmp_path, "-s", addr(srv), "--prefill", "--ratio", "0:1",
+                         "--key-pattern", pattern, *SMALL)
+    assert report["config"]["key_pattern"] == pattern
+    assert error_count(report) == 0, report["errors"]
+    assert (report["gets"]["ops"], report["gets"]["hits"], report["gets"]["misses"]) == \
+        (800, 800, 0)
+
+
+def test_same_seed_same_workload(tmp_path, start_server):
+    # One client, no pipelining: the request order is fixed, so the seed decides
+    # which keys are written and which gets hit.
+    outcomes = []
+    for _ in range(2):
+        srv = start_server("memcached" if MEMCACHED_BIN else "memtool")
+        _, report = bench_ok(tmp_path, "-s", addr(srv), "-c", 1, "--requests", 300,
+                             "--ratio", "1:1", "--key-minimum", 1, "--key-maximum", 100,
+                             "--seed", 42)
+        with srv.session() as s:
+            stored = sorted(s.get_items([b"memtier-%d" % i for i in range(1, 101)]))
+        outcomes.append((report["gets"]["hits"], report["gets"]["misses"], stored))
+    assert outcomes[0] == outcomes[1]
+    assert 0 < len(outcomes[0][2]) < 100, "expected some keys written, not all"
 
 
 def test_keys_are_spread_over_several_servers(tmp_path, start_server):
@@ -440,7 +471,8 @@ def test_verify_finds_a_value_changed_behind_its_back(tmp_path, fresh_server):
     assert report["sets"]["ops"] == 0
     assert report["verify"]["checked"] == 20, report["verify"]
     assert (report["verify"]["wrong"], report["verify"]["missing"]) == (1, 1), report["verify"]
-    assert report["gets"]["misses"] >= 0 and report["gets"]["ops"] > 0
+    assert report["gets"]["ops"] > 0
+    assert report["seconds"] == pytest.approx(3, rel=0.3)       # --test-time 3
 
 
 # --------------------------------------------------------------------------- 4. Histogram
@@ -617,14 +649,20 @@ def test_vs_compares_two_servers(tmp_path, start_server):
 def test_processes_multiply_clients(tmp_path, start_server):
     srv = start_server("memtool")
     _, report = bench_ok(tmp_path, "-s", addr(srv), "--processes", 2, "-c", 2,
-                         "--requests", 100, "--key-minimum", 1, "--key-maximum", 500)
+                         "--requests", 100, "--key-minimum", 1, "--key-maximum", 500,
+                         "--prefill", "--verify")
     check_report(report)
     assert report["config"]["processes"] == 2
     assert error_count(report) == 0, report["errors"]
     assert report["totals"]["ops"] == 2 * 2 * 100           # processes * clients * requests
+    # prefill and verify cover the whole key range once, however many processes
+    assert report["prefill"]["sets"] == 500
+    verify = report["verify"]
+    assert (verify["checked"], verify["missing"], verify["wrong"]) == (500, 0, 0), verify
+    assert report["gets"]["misses"] == 0
     st = counters(srv)
-    assert st["cmd_set"] == report["sets"]["ops"], st
-    assert st["cmd_get"] == report["gets"]["ops"], st
+    assert st["cmd_set"] == 500 + report["sets"]["ops"], st
+    assert st["cmd_get"] == report["gets"]["ops"] + 500, st
 
 
 # --------------------------------------------------------------------------- 8. meta protocol
