@@ -898,13 +898,12 @@ class Store:
         """Remove up to `limit` expired or flushed items from disk; a bounded step."""
         if self.engine is None:
             return 0
-        self.checkpoint()   # the scan reads the engine, so it must be current
         rows = self.engine.scan(self.sweep_after, limit)
         self.sweep_after = rows[-1][0] if len(rows) == limit else b""
         reaped = 0
         for key, header in rows:
-            if len(key) > KEY_MAX_LENGTH:
-                continue
+            if len(key) > KEY_MAX_LENGTH or key in self.pending:
+                continue   # the meta record, or a key whose disk row is out of date
             flags, exptime, cas = RECORD_HEADER.unpack(header)
             if (exptime and exptime <= self.now) or cas < self.flush_cas:
                 self._remove(key, len(key) + self.engine.size(key))

@@ -236,3 +236,19 @@ def test_memory_engine_keeps_nothing(tmp_path):
         srv.restart()
         with srv.session() as s:
             s.call(b"get k\r\n", b"END\r\n")
+
+
+def test_expired_items_are_swept_from_disk_without_being_read(make):
+    srv = make()
+    with srv.session() as s:
+        s.call(b"".join(b"set sweep%02d 0 1 1\r\nx\r\n" % i for i in range(30)) +
+               b"set keeper 0 0 4\r\nkeep\r\n", b"STORED\r\n" * 31)
+        # nobody reads them: only the background sweep can find them
+        wait_for(lambda: int(s.stats()["reclaimed"]) >= 30, 10, 0.2, "the sweep to reclaim 30 items")
+        st = s.stats()
+        assert (st["curr_items"], st["get_expired"]) == ("1", "0")
+    assert srv.stop() == 0
+    srv.start()
+    with srv.session() as s:                    # the rows are gone from the store itself
+        assert s.stats()["curr_items"] == "1"
+        assert s.get(b"keeper") == b"keep"
