@@ -55,6 +55,7 @@ Contents (``grep -n '^# =====' memtool.py``):
 import argparse
 import bisect
 import collections
+import fcntl
 import hashlib
 import heapq
 import importlib
@@ -1136,6 +1137,7 @@ class UpdateLog:
     def __init__(self, directory, sid=1, sync="everysec", limit=ULOG_LIMIT_DEFAULT,
                  keep=ULOG_KEEP_DEFAULT):
         os.makedirs(directory, exist_ok=True)
+        self.lock = self._lock(directory)  # held while open: one writer per log
         self.directory = directory   # holds the .ulog files
         self.sid = sid               # origin id stamped on our records
         self.sync_mode = sync        # always | everysec | no
@@ -1228,6 +1230,23 @@ class UpdateLog:
             self.sync()
             self.file.close()
             self.file = None
+        self.lock.close()
+
+    @staticmethod
+    def _lock(directory):
+        """An exclusive flock on directory/LOCK; ConfigError when another process holds it."""
+        lock = open(os.path.join(directory, "LOCK"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip() or "?"
+            lock.close()
+            raise ConfigError(f"{directory} is in use by another memtool (pid {owner})") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        return lock
 
     def _read_file(self, name, offset, newest):
         path = os.path.join(self.directory, name)
@@ -2076,9 +2095,9 @@ def serve(host=DEFAULT_HOST, port=DEFAULT_PORT, data_dir=DEFAULT_DATA_DIR, engin
     ulog = None
     if engine != "memory":
         os.makedirs(data_dir, exist_ok=True)
-        store_engine = open_engine(engine, data_dir)
         ulog = UpdateLog(os.path.join(data_dir, "ulog"), sid=sid, sync=sync,
                          limit=ulog_limit, keep=ulog_keep)
+        store_engine = open_engine(engine, data_dir)
     store = Store(store_engine, memory_limit_mb << 20, item_size_max,
                   journal=ulog.append if ulog is not None else None)
     if ulog is not None:

@@ -84,3 +84,17 @@ def test_memory_engine_evicts_least_recently_used(tmp_path):
             assert int(st["limit_maxbytes"]) == 1024 * 1024
             assert 0 < int(st["bytes"]) <= 1024 * 1024
             assert 0 < int(st["curr_items"]) < 105
+
+
+def test_a_second_server_on_the_same_data_dir_is_refused(tmp_path):
+    with MemtoolServer(tmp_path) as first:
+        first.start()
+        second = subprocess.run([sys.executable, str(MEMTOOL), "serve", "-p", str(free_port()),
+                                 "--data", str(first.data)],
+                                capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1
+        assert "in use by another memtool (pid %d)" % first.proc.pid in second.stderr
+        assert "Traceback" not in second.stderr
+        with first.session() as s:              # the first one is unharmed
+            s.set(b"still", b"here")
+            assert s.get(b"still") == b"here"
