@@ -859,8 +859,9 @@ class Store:
         """The item with its new exptime, or None when absent."""
         item = self.get(key)
         if item is not None:
-            self._journal(OP_TOUCH, key, 0, self.absolute(exptime), 0, b"")
-            self._retime(key, item, self.absolute(exptime))
+            exptime = self.absolute(exptime)
+            self._journal(OP_TOUCH, key, 0, exptime, 0, b"")
+            self._retime(key, item, exptime)
         return item
 
     def flush_all(self, delay=0):
@@ -1445,14 +1446,17 @@ class Connection:
     def write(self, data):
         self.outbuf.append(data)
         if not self.queued:
-            self.queued = True
-            self.loop.to_flush.append(self)
+            self._schedule()
 
     def writelines(self, chunks):
         self.outbuf.extend(chunks)
         if not self.queued:
-            self.queued = True
-            self.loop.to_flush.append(self)
+            self._schedule()
+
+    def _schedule(self):
+        """Have flush() called at the end of this loop pass."""
+        self.queued = True
+        self.loop.to_flush.append(self)
 
     def flush(self):
         """Send what write() queued, with one send(); keep the rest for EVENT_WRITE."""
@@ -1477,7 +1481,7 @@ class Connection:
         """Close after the queued replies are sent (quit, shutdown)."""
         self.closing = True
         if not self.queued:
-            self.write(b"")
+            self._schedule()
 
     def close(self):
         if self.closed:
@@ -2461,7 +2465,7 @@ class BenchRun:
         meta = self.protocol == "meta"
         if kind == "get" and not meta and len(indexes) == 1:   # the usual request
             return b"get %b%d\r\n" % (self.prefix, indexes[0]), REPLY_VALUES
-        keys = [b"%b%d" % (self.prefix, i) for i in indexes]
+        keys = [self.key(i) for i in indexes]
         if kind == "set":
             value = make_value(keys[0], *versions)
             if meta:
