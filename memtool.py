@@ -53,6 +53,7 @@ Contents (``grep -n '^# =====' memtool.py``):
 """
 
 import argparse
+import binascii
 import bisect
 import collections
 import fcntl
@@ -325,9 +326,142 @@ def parse_storage(tokens, with_cas):
     return key, flags, exptime, nbytes, cas_unique
 
 
+def item_total_size(key, flags, nbytes):
+    """memcached's ITEM_ntotal in bytes: header, key, data, cas (flags cost 4 bytes)."""
+    return ITEM_HEADER_BYTES + len(key) + nbytes + (4 if flags else 0)
+
+
 def item_size_ok(key, flags, nbytes, item_size_max):
-    """memcached's item_size_ok: does the item fit under -I (flags cost 4 bytes)?"""
-    return ITEM_HEADER_BYTES + len(key) + nbytes + (4 if flags else 0) <= item_size_max
+    """memcached's item_size_ok: does the item fit under -I?"""
+    return item_total_size(key, flags, nbytes) <= item_size_max
+
+
+def _slab_chunk_sizes(factor=1.25, smallest=96, largest=512 * 1024):
+    """memcached slabs_init's chunk sizes with its defaults (-f 1.25, -n 48, 1 MB pages)."""
+    sizes = []
+    size = smallest
+    while size < largest / factor:
+        size += -size % 8
+        sizes.append(size)
+        size = int(size * factor)
+    sizes.append(largest)
+    return sizes
+
+
+SLAB_CHUNK_SIZES = _slab_chunk_sizes()
+
+
+def slab_class(ntotal):
+    """The slab class memcached would keep an item of ntotal bytes in (`me` cls=)."""
+    return min(bisect.bisect_left(SLAB_CHUNK_SIZES, ntotal), len(SLAB_CHUNK_SIZES) - 1) + 1
+
+
+# Meta commands (memcached 1.6.18 proto_text.c, _meta_flag_preparse): after
+# the key come one-letter flags, some with a value glued on (`T30`, `Oabc`).
+# A command's flags are parsed into a dict in request order, because return
+# flags are echoed in that order.
+META_FLAG_CHARS = frozenset(b"bNTRlOPLkstcfvhuqFCMJDI")  # known to every meta command
+META_TOKENS_MAX = 19        # memcached's MFLAG_MAX_OPT_LENGTH, less its terminal token
+META_OPAQUE_MAX = 32        # bytes of an O token, the O included
+META_TTL_FLAGS = frozenset(b"NTR")      # exptime values (safe_strtol)
+META_U64_FLAGS = {ord("C"): ClientError(b"bad token in command line format"),
+                  ord("J"): ClientError(b"invalid numeric initial value"),
+                  ord("D"): ClientError(b"invalid numeric delta value")}
+INVALID_FLAG = ClientError(b"invalid flag")
+DUPLICATE_FLAG = ClientError(b"duplicate flag")
+BAD_TOKEN = META_U64_FLAGS[ord("C")]
+BAD_M_LENGTH = ClientError(b"incorrect length for M token")
+BAD_KEY_ENCODING = ClientError(b"error decoding key")
+OPAQUE_TOO_LONG = ClientError(b"opaque token too long")
+MG_TOO_LONG = ClientError(b"options flags are too long")
+META_TOO_LONG = ClientError(b"options flags too long")      # ms, md, ma word it so
+INVALID_OR_DUPLICATE_FLAG = ClientError(b"invalid or duplicate flag")
+INVALID_MS_MODE = ClientError(b"invalid mode for ms M token")
+INVALID_MA_MODE = ClientError(b"invalid mode for ma M token")
+MS_MODES = (b"S", b"E", b"A", b"P", b"R")   # set, add (E), append, prepend, replace
+MA_MODES = (b"I", b"+", b"D", b"-")         # incr, incr, decr, decr
+
+
+def parse_meta_flags(tokens, start):
+    """(key, flags) of a meta command whose flags begin at tokens[start].
+
+    flags maps each flag's character code to its value: an int for N T R
+    (raw exptime) C F J D, the mode byte for M, the token itself for O, and
+    True for the rest. With `b` the key is base64-decoded. Raises ClientError
+    as memcached does: an unknown or repeated flag at once, any other bad
+    flag after the scan, the last one winning (a bad F keeps the message
+    before it, or `bad command line format`).
+    """
+    key = tokens[1]
+    flags = {}
+    error = None
+    for token in tokens[start:]:
+        char = token[0]
+        if char in flags or char >= 127:
+            raise DUPLICATE_FLAG
+        if char not in META_FLAG_CHARS:
+            raise INVALID_FLAG
+        value = True
+        if char in META_TTL_FLAGS:
+            value = parse_int32(token[1:])
+            if value is None:
+                error = BAD_TOKEN
+        elif char in META_U64_FLAGS:
+            value = parse_uint64(token[1:])
+            if value is None:
+                error = META_U64_FLAGS[char]
+        elif char == 70:     # F
+            value = parse_flags(token[1:])
+            if value is None:
+                error = error or BAD_FORMAT
+        elif char == 77:     # M
+            if len(token) != 2:
+                error = BAD_M_LENGTH
+            value = token[1:2]
+        elif char == 79:     # O
+            value = token
+        elif char == 98:     # b
+            key = base64_key(key)
+            if key is None:
+                error, key = BAD_KEY_ENCODING, b""
+        flags[char] = value
+    if error is not None:
+        raise error
+    return key, flags
+
+
+def base64_key(text):
+    """A `b` flag's key decoded, or None when it is not base64 (memcached base64.c)."""
+    try:
+        key = binascii.a2b_base64(text)
+    except binascii.Error:
+        return None
+    return key or None
+
+
+def meta_key(key, binary):
+    """The `k` return flag: the key, or its base64 followed by ` b`."""
+    if binary:
+        return b"k" + binascii.b2a_base64(key, newline=False) + b" b"
+    return b"k" + key
+
+
+def meta_echo(flags, key, binary):
+    """The O and k return flags, in request order (every meta reply carries them)."""
+    out = []
+    for char, arg in flags.items():
+        if char == 79:
+            out.append(arg)
+        elif char == 107:
+            out.append(meta_key(key, binary))
+    return out
+
+
+def check_opaque(flags):
+    """Raise OPAQUE_TOO_LONG for an O token over META_OPAQUE_MAX bytes."""
+    opaque = flags.get(79)
+    if opaque is not None and len(opaque) > META_OPAQUE_MAX:
+        raise OPAQUE_TOO_LONG
 
 
 def encode_stats(pairs):
@@ -528,10 +662,12 @@ class Continuum:
 #
 # Store is the item model (expiry, cas, flush_all, LRU) over an engine, the
 # store of record on disk. Every change is handed to `journal` (the update
-# log, section 5) as an *effect* record before it is applied:
+# log, section 6) as an *effect* record before it is applied:
 #
 #     OP_SET    key flags exptime cas value   (set/add/replace/cas, and the
-#                                              result of append/prepend/incr/decr)
+#                                              result of append/prepend/incr/decr;
+#                                              the op byte's high nibble holds the
+#                                              item's PERSISTED_STATE bits)
 #     OP_DELETE key
 #     OP_TOUCH  key exptime
 #     OP_FLUSH  exptime=deadline cas=threshold
@@ -548,7 +684,14 @@ class Continuum:
 OP_SET, OP_DELETE, OP_TOUCH, OP_FLUSH = 1, 2, 3, 4
 ST_STORED, ST_NOT_STORED, ST_EXISTS, ST_NOT_FOUND, ST_DELETED, ST_NON_NUMERIC = range(6)
 
-RECORD_HEADER = struct.Struct("<IqQ")   # flags, exptime, cas unique: before the data
+# Item.state bits, memcached's it_flags that the meta protocol shows.
+STALE = 1               # invalidated by `md I` or a stale `ms I` write (mg shows X)
+KEY_BINARY = 2          # the key arrived base64 (`b`) or is not a text key: echo it encoded
+TOKEN_SENT = 4          # a client holds the recache token (mg shows Z, not W)
+FETCHED = 8             # read since it was stored (mg h, me fetch=)
+PERSISTED_STATE = STALE | KEY_BINARY   # the bits kept on disk and in the ulog
+
+RECORD_HEADER = struct.Struct("<IqQB")  # flags, exptime, cas unique, state: before the data
 META_KEY = b"memtool:meta:" + b"." * KEY_MAX_LENGTH  # longer than any client key
 CACHE_ITEM_OVERHEAD = 120               # rough bytes of Python objects per cached item
 ABSENT = False                          # cache entry: the engine has no such key
@@ -564,14 +707,18 @@ class Item:
     `rendered` is the exact `get` reply block for it, built once when it is
     stored, because formatting on every get costs more than the memory.
     `size` is what `stats bytes` counts for it: key + record header + data.
+    `state` holds the STALE/KEY_BINARY/TOKEN_SENT/FETCHED bits, `atime` the
+    unix time it was last fetched (or stored).
     """
 
-    __slots__ = ("flags", "exptime", "cas", "rendered", "vstart", "size")
+    __slots__ = ("flags", "exptime", "cas", "rendered", "vstart", "size", "state", "atime")
 
-    def __init__(self, key, flags, exptime, cas, value):
+    def __init__(self, key, flags, exptime, cas, value, state=0):
         self.flags = flags
         self.exptime = exptime
         self.cas = cas
+        self.state = state
+        self.atime = 0
         self.rendered = b"VALUE %b %d %d\r\n%b\r\n" % (key, flags, len(value), value)
         self.vstart = len(self.rendered) - len(value) - 2
         self.size = len(key) + RECORD_HEADER.size + len(value)
@@ -587,12 +734,13 @@ class Item:
 
     def record(self):
         """The bytes stored on disk: RECORD_HEADER then the data."""
-        return RECORD_HEADER.pack(self.flags, self.exptime, self.cas) + self.value
+        return RECORD_HEADER.pack(self.flags, self.exptime, self.cas,
+                                  self.state & PERSISTED_STATE) + self.value
 
     @classmethod
     def from_record(cls, key, record):
-        flags, exptime, cas = RECORD_HEADER.unpack_from(record)
-        return cls(key, flags, exptime, cas, record[RECORD_HEADER.size:])
+        flags, exptime, cas, state = RECORD_HEADER.unpack_from(record)
+        return cls(key, flags, exptime, cas, record[RECORD_HEADER.size:], state)
 
 
 class SqliteEngine:
@@ -778,16 +926,34 @@ class Store:
 
     # -- reads ---------------------------------------------------------------
 
-    def get(self, key):
-        """The live Item for key, or None (expired and flushed items vanish here)."""
+    def get(self, key, fetch=True):
+        """The live Item for key, or None (expired and flushed items vanish here).
+
+        fetch: count this as a client read (memcached's do_item_bump): LRU
+        position, last access time and the FETCHED bit. Writes look items up
+        with fetch=False, as memcached's DONT_UPDATE.
+        """
         item = self.cache.get(key)
         if not item:
-            return None if item is ABSENT else self._load(key)
-        if (item.exptime and item.exptime <= self.now) or item.cas < self.flush_cas:
+            if item is ABSENT:
+                return None
+            item = self._load(key)
+            if item is None:
+                return None
+        elif (item.exptime and item.exptime <= self.now) or item.cas < self.flush_cas:
             self._reap(key, item)
             return None
-        self.cache.move_to_end(key)
+        if fetch:
+            self.cache.move_to_end(key)
+            item.atime = self.now
+            item.state |= FETCHED
         return item
+
+    def fetched(self, key, item):
+        """Count a read of an item looked up with get(fetch=False)."""
+        self.cache.move_to_end(key)
+        item.atime = self.now
+        item.state |= FETCHED
 
     # -- storage commands ----------------------------------------------------
 
@@ -797,13 +963,13 @@ class Store:
         return ST_STORED
 
     def add(self, key, flags, exptime, value):
-        if self.get(key) is not None:
+        if self.get(key, False) is not None:
             return ST_NOT_STORED
         self._write(key, flags, self.absolute(exptime), value, None)
         return ST_STORED
 
     def replace(self, key, flags, exptime, value):
-        old = self.get(key)
+        old = self.get(key, False)
         if old is None:
             return ST_NOT_STORED
         self._write(key, flags, self.absolute(exptime), value, old.size)
@@ -811,14 +977,14 @@ class Store:
 
     def append(self, key, flags, exptime, value):
         """Add value after the item's data; flags and exptime are ignored (memcached)."""
-        return self._concat(key, value, True)
+        return self._concat(key, value, True)[0]
 
     def prepend(self, key, flags, exptime, value):
         """Add value before the item's data; flags and exptime are ignored (memcached)."""
-        return self._concat(key, value, False)
+        return self._concat(key, value, False)[0]
 
     def cas(self, key, flags, exptime, value, cas_unique):
-        old = self.get(key)
+        old = self.get(key, False)
         if old is None:
             return ST_NOT_FOUND
         if old.cas != cas_unique:
@@ -826,43 +992,97 @@ class Store:
         self._write(key, flags, self.absolute(exptime), value, old.size)
         return ST_STORED
 
-    def delete(self, key):
-        old = self.get(key)
+    def store(self, mode, key, flags, exptime, value, cas_unique=0, invalidate=False,
+              state=0):
+        """The meta `ms` write (memcached do_store_item): (status, new Item or None).
+
+        mode: b"S" set, b"E" add, b"A" append, b"P" prepend, b"R" replace.
+        cas_unique (0 = none) turns set/replace into cas and guards
+        append/prepend; with `invalidate`, a cas older than the item's still
+        stores, as a STALE item keeping the old exptime (mg then shows X).
+        """
+        old = self.get(key, False)
+        if old is None:
+            if cas_unique and mode in b"SR":
+                return ST_NOT_FOUND, None
+            if mode in b"AR":
+                return ST_NOT_STORED, None
+            return ST_STORED, self._write(key, flags, self.absolute(exptime), value, None,
+                                          state=state)
+        if mode == b"E":
+            return ST_NOT_STORED, None
+        if mode in b"AP":
+            if cas_unique and cas_unique != old.cas:
+                return ST_EXISTS, None
+            return self._concat(key, value, mode == b"A")
+        exptime = self.absolute(exptime)
+        if cas_unique and cas_unique != old.cas:
+            if not (invalidate and cas_unique < old.cas):
+                return ST_EXISTS, None
+            exptime = old.exptime
+            state |= STALE | (old.state & TOKEN_SENT)
+        return ST_STORED, self._write(key, flags, exptime, value, old.size, state=state)
+
+    def delete(self, key, cas_unique=None):
+        """ST_DELETED, ST_NOT_FOUND, or ST_EXISTS when cas_unique is given and differs."""
+        old = self.get(key, False)
         if old is None:
             return ST_NOT_FOUND
+        if cas_unique is not None and cas_unique != old.cas:
+            return ST_EXISTS
         self._journal(OP_DELETE, key, 0, 0, 0, b"")
         self._remove(key, old.size)
         return ST_DELETED
 
-    def incr(self, key, delta, incr=True):
-        """(status, new value): ST_STORED, ST_NOT_FOUND or ST_NON_NUMERIC.
+    def incr(self, key, delta, incr=True, cas_unique=0):
+        """(status, new value, Item): ST_STORED, ST_NOT_FOUND, ST_EXISTS or ST_NON_NUMERIC.
 
         incr wraps at 2**64, decr stops at 0. A result no longer than the old
-        value is right-padded with spaces to its length, as memcached's
-        in-place update leaves it.
+        value is right-padded with spaces to its length and keeps the item's
+        state, as memcached's in-place update does. cas_unique (0 = none)
+        must match the item's (meta `ma C`).
         """
-        old = self.get(key)
+        old = self.get(key, False)
         if old is None:
-            return ST_NOT_FOUND, 0
+            return ST_NOT_FOUND, 0, None
         data = old.value
         current = parse_uint64(data) if data else None
         if current is None:
-            return ST_NON_NUMERIC, 0
+            return ST_NON_NUMERIC, 0, None
+        if cas_unique and cas_unique != old.cas:
+            return ST_EXISTS, 0, None
         result = (current + delta) & UINT64_MASK if incr else max(current - delta, 0)
         digits = b"%d" % result
+        state = 0
         if len(digits) <= len(data):
             digits = digits.ljust(len(data))
-        self._write(key, old.flags, old.exptime, digits, old.size)
-        return ST_STORED, result
+            state = old.state
+        item = self._write(key, old.flags, old.exptime, digits, old.size, state=state)
+        return ST_STORED, result, item
 
     def touch(self, key, exptime):
         """The item with its new exptime, or None when absent."""
         item = self.get(key)
         if item is not None:
-            exptime = self.absolute(exptime)
-            self._journal(OP_TOUCH, key, 0, exptime, 0, b"")
-            self._retime(key, item, exptime)
+            self.set_exptime(key, item, self.absolute(exptime))
         return item
+
+    def set_exptime(self, key, item, exptime):
+        """Give a live item a new absolute exptime (0 = never)."""
+        self._journal(OP_TOUCH, key, 0, exptime, 0, b"")
+        self._retime(key, item, exptime)
+
+    def vivify(self, key, value=b""):
+        """Create a missing item (flags 0, no expiry) for meta `N`; returns it."""
+        return self._write(key, 0, 0, value, None)
+
+    def mark_stale(self, key, item, exptime):
+        """meta `md I`: keep the item but mark it STALE under a new cas unique.
+
+        The recache token is handed out again: the next mg wins it (W).
+        """
+        state = (item.state | STALE) & ~TOKEN_SENT
+        self._write(key, item.flags, exptime, item.value, item.size, state=state)
 
     def flush_all(self, delay=0):
         """Invalidate every item now (delay <= 0) or at a deadline (exptime rules).
@@ -906,7 +1126,7 @@ class Store:
         for key, header in rows:
             if len(key) > KEY_MAX_LENGTH or key in self.pending:
                 continue   # the meta record, or a key whose disk row is out of date
-            flags, exptime, cas = RECORD_HEADER.unpack(header)
+            flags, exptime, cas, state = RECORD_HEADER.unpack(header)
             if (exptime and exptime <= self.now) or cas < self.flush_cas:
                 self._remove(key, len(key) + self.engine.size(key))
                 reaped += 1
@@ -940,14 +1160,15 @@ class Store:
         """Apply one effect record (replay, replication); the inverse of journal."""
         if cas > self.last_cas:
             self.last_cas = cas
+        state, op = op >> 4, op & 0x0F
         if op == OP_SET:
-            self._write(key, flags, exptime, value, self._present_size(key), cas)
+            self._write(key, flags, exptime, value, self._present_size(key), cas, state)
         elif op == OP_DELETE:
             size = self._present_size(key)
             if size is not None:
                 self._remove(key, size)
         elif op == OP_TOUCH:
-            item = self.get(key)
+            item = self.get(key, False)
             if item is not None:
                 self._retime(key, item, exptime)
         elif op == OP_FLUSH:
@@ -1000,6 +1221,7 @@ class Store:
                 self._cache_put(key, ABSENT)
                 return None
             item = Item.from_record(key, record)
+            item.atime = self.now
         if (item.exptime and item.exptime <= self.now) or item.cas < self.flush_cas:
             self._reap(key, item)
             return None
@@ -1014,17 +1236,18 @@ class Store:
         self._remove(key, item.size)
 
     def _concat(self, key, value, at_end):
-        old = self.get(key)
+        """append/prepend: (status, new Item or None)."""
+        old = self.get(key, False)
         if old is None:
-            return ST_NOT_STORED
+            return ST_NOT_STORED, None
         data = old.value + value if at_end else value + old.value
         if not item_size_ok(key, old.flags, len(data), self.item_size_max):
-            return ST_NOT_STORED
-        self._write(key, old.flags, old.exptime, data, old.size)
-        return ST_STORED
+            return ST_NOT_STORED, None
+        return ST_STORED, self._write(key, old.flags, old.exptime, data, old.size)
 
-    def _write(self, key, flags, exptime, value, old_size, cas=None):
-        """Store a new item; old_size is the replaced one's size, None if there was none.
+    def _write(self, key, flags, exptime, value, old_size, cas=None, state=0):
+        """Store a new item and return it; old_size is the replaced one's size, None
+        if there was none.
 
         Without `cas` this is a new change: it gets the next cas unique and is
         journaled. With one it is a record being applied.
@@ -1032,8 +1255,10 @@ class Store:
         if cas is None:
             self.last_cas = cas = self.last_cas + 1
             if self.journal is not None:
-                self.journal(OP_SET, key, flags, exptime, cas, value)
-        item = Item(key, flags, exptime, cas, value)
+                self.journal(OP_SET | (state & PERSISTED_STATE) << 4, key, flags, exptime,
+                             cas, value)
+        item = Item(key, flags, exptime, cas, value, state)
+        item.atime = self.now
         if old_size is None:
             self.curr_items += 1
         else:
@@ -1043,6 +1268,7 @@ class Store:
         self._cache_put(key, item)
         if self.engine is not None:
             self.pending[key] = item
+        return item
 
     def _remove(self, key, size):
         item = self.cache.pop(key, None)
@@ -1105,7 +1331,8 @@ class Store:
 #     body:
 #       ts       u64   microseconds since the epoch, strictly increasing
 #       sid      u32   server id of the origin (--sid)
-#       op       u8    OP_SET=1 OP_DELETE=2 OP_TOUCH=3 OP_FLUSH=4 (section 4)
+#       op       u8    low nibble OP_SET=1 OP_DELETE=2 OP_TOUCH=3 OP_FLUSH=4,
+#                      high nibble the item's PERSISTED_STATE bits (section 5)
 #       flags    u32
 #       exptime  i64   absolute unix seconds, 0 = never
 #       cas      u64   cas unique (OP_FLUSH: items below it are flushed)
@@ -1601,9 +1828,10 @@ class Listener:
 UNKNOWN = UnknownCommand()
 STATUS_LINES = {ST_STORED: STORED, ST_NOT_STORED: NOT_STORED, ST_EXISTS: EXISTS,
                 ST_NOT_FOUND: NOT_FOUND, ST_DELETED: DELETED}
+META_STATUS = {ST_STORED: b"HD", ST_NOT_STORED: b"NS", ST_EXISTS: b"EX", ST_NOT_FOUND: b"NF"}
 SERVER_COUNTERS = (
     "total_connections", "rejected_connections", "cmd_get", "cmd_set", "cmd_flush",
-    "cmd_touch", "get_hits", "get_misses", "delete_misses", "delete_hits", "incr_misses",
+    "cmd_touch", "cmd_meta", "get_hits", "get_misses", "delete_misses", "delete_hits", "incr_misses",
     "incr_hits", "decr_misses", "decr_hits", "cas_misses", "cas_hits", "cas_badval",
     "touch_hits", "touch_misses", "store_too_large", "bytes_read", "bytes_written")
 
@@ -1772,10 +2000,7 @@ class ServerConnection(Connection):
             if method == self.store.set:   # memcached drops the old value: no stale reads
                 self.store.delete(key)
             self.reply(TOO_LARGE.line)
-            if end > len(buf):
-                self.swallow = end - len(buf)
-                return len(buf)
-            return end
+            return self._skip_block(buf, end)
         if end > len(buf):
             self.need = end
             return None
@@ -1790,6 +2015,261 @@ class ServerConnection(Connection):
                         ST_NOT_FOUND: "cas_misses"}[status]] += 1
         self.reply(STATUS_LINES[status])
         return end
+
+    def _skip_block(self, buf, end):
+        """Discard a refused data block ending at `end`, which may not have arrived."""
+        if end > len(buf):
+            self.swallow = end - len(buf)
+            return len(buf)
+        return end
+
+    # -- meta commands (memcached 1.6.18 proto_text.c process_m*_command) -----
+    #
+    # Replies are a two-letter code then return flags in request order. `q`
+    # drops only the nominal reply (a hit's HD is still sent by mg); errors
+    # are never quiet, so meta handlers leave self.noreply alone.
+
+    def _meta_args(self, tokens, too_long, flag_error=None):
+        """(key, flags) after memcached's checks in its order; flag_error replaces
+        any flag error (md and ma say only `invalid or duplicate flag`)."""
+        if len(tokens) < 2:
+            raise UNKNOWN
+        if len(tokens[1]) > KEY_MAX_LENGTH:
+            raise BAD_FORMAT
+        if len(tokens) > META_TOKENS_MAX:
+            raise too_long
+        try:
+            key, flags = parse_meta_flags(tokens, 2)
+        except ClientError:
+            if flag_error is None:
+                raise
+            raise flag_error from None
+        check_opaque(flags)
+        return key, flags
+
+    def cmd_mg(self, tokens, buf, pos):
+        key, flags = self._meta_args(tokens, MG_TOO_LONG)
+        store, stats = self.store, self.stats
+        item = store.get(key, False)
+        created = False
+        if item is None and 78 in flags:                     # N: vivify on miss
+            item = store.vivify(key)
+            created = True
+        if item is None:
+            stats["cmd_get"] += 1
+            stats["get_misses"] += 1
+            if 113 not in flags:                             # q
+                self.write(b" ".join([b"EN"] + meta_echo(flags, key, 98 in flags)) + CRLF)
+            return pos
+        value = item.value
+        out = [b"VA %d" % len(value) if 118 in flags else b"HD"]
+        exptime = item.exptime
+        won = touched = False
+        for char, arg in flags.items():
+            if char == 84:                                   # T: touch
+                exptime = store.absolute(arg)
+                touched = True
+            elif char == 78:                                 # N
+                if created:
+                    exptime = store.absolute(arg)
+                    won = True
+            elif char == 82:                                 # R: recache below this TTL
+                if (not item.state & TOKEN_SENT and not created and exptime
+                        and exptime < store.absolute(arg)):
+                    won = True
+            elif char == 115:                                # s
+                out.append(b"s%d" % len(value))
+            elif char == 116:                                # t
+                out.append(b"t%d" % ((exptime - int(store.now)) & UINT32_MASK)
+                           if exptime else b"t-1")
+            elif char == 99:                                 # c
+                out.append(b"c%d" % item.cas)
+            elif char == 102:                                # f
+                out.append(b"f%d" % item.flags)
+            elif char == 108:                                # l
+                out.append(b"l%d" % (int(store.now) - int(item.atime)))
+            elif char == 104:                                # h
+                out.append(b"h1" if item.state & FETCHED else b"h0")
+            elif char == 79:                                 # O
+                out.append(arg)
+            elif char == 107:                                # k
+                out.append(meta_key(key, item.state & KEY_BINARY))
+        if item.state & TOKEN_SENT:
+            out.append(b"Z")
+        if item.state & STALE:
+            out.append(b"X")
+            won = won or not item.state & TOKEN_SENT
+        if won:
+            out.append(b"W")
+            item.state |= TOKEN_SENT
+        if exptime != item.exptime:
+            store.set_exptime(key, item, exptime)
+        if touched:   # a hit with T counts as a touch (a miss counts as a get)
+            stats["cmd_touch"] += 1
+            stats["touch_hits"] += 1
+        else:
+            stats["cmd_get"] += 1
+            stats["get_hits"] += 1
+        if 117 not in flags:                                 # u: no LRU bump
+            store.fetched(key, item)
+        out = b" ".join(out) + CRLF
+        self.writelines((out, item.rendered[item.vstart:]) if 118 in flags else (out,))
+        return pos
+
+    def cmd_ms(self, tokens, buf, pos):
+        if len(tokens) < 2:
+            raise UNKNOWN
+        if len(tokens[1]) > KEY_MAX_LENGTH or len(tokens) == 2:
+            raise BAD_FORMAT
+        if len(tokens) > META_TOKENS_MAX:
+            raise META_TOO_LONG
+        nbytes = parse_int32(tokens[2])
+        if nbytes is None or not 0 <= nbytes <= VALUE_LENGTH_MAX:
+            raise BAD_FORMAT
+        end = pos + nbytes + 2
+        try:
+            key, flags = parse_meta_flags(tokens, 3)
+            mode = flags.get(77, b"S")                       # M
+            if mode not in MS_MODES:
+                raise INVALID_MS_MODE
+            check_opaque(flags)
+        except ClientError as err:
+            self.write(err.line)
+            return self._skip_block(buf, end)
+        client_flags = flags.get(70, 0)                      # F
+        if not item_size_ok(key, client_flags, nbytes, self.server.item_size_max):
+            self.stats["store_too_large"] += 1
+            self.store.delete(key)     # memcached unlinks the old item whatever the mode
+            self.write(TOO_LARGE.line)
+            return self._skip_block(buf, end)
+        if end > len(buf):
+            self.need = end
+            return None
+        self.stats["cmd_set"] += 1
+        if buf[end - 2:end] != CRLF:
+            self.write(BAD_DATA_CHUNK.line)
+            return end
+        cas_unique = flags.get(67, 0)                        # C
+        binary = KEY_BINARY if 98 in flags else 0
+        status, item = self.store.store(mode, key, client_flags, flags.get(84, 0),
+                                        buf[pos:end - 2], cas_unique, 73 in flags, binary)
+        if cas_unique and mode in b"SR":
+            self.stats[{ST_STORED: "cas_hits", ST_EXISTS: "cas_badval",
+                        ST_NOT_FOUND: "cas_misses"}[status]] += 1
+        if status == ST_STORED and 113 in flags:             # q
+            return end
+        out = [META_STATUS[status]]
+        for char, arg in flags.items():
+            if char == 79:
+                out.append(arg)
+            elif char == 107:
+                out.append(meta_key(key, binary))
+            elif char == 99:
+                out.append(b"c%d" % (item.cas if item is not None else 0))
+        self.write(b" ".join(out) + CRLF)
+        return end
+
+    def cmd_md(self, tokens, buf, pos):
+        key, flags = self._meta_args(tokens, META_TOO_LONG, INVALID_OR_DUPLICATE_FLAG)
+        store = self.store
+        item = store.get(key, False)
+        if item is None:
+            status = ST_NOT_FOUND
+        elif 67 in flags and flags[67] != item.cas:          # C
+            status = ST_EXISTS
+        elif 73 in flags:                                    # I: mark stale, keep it
+            store.mark_stale(key, item, store.absolute(flags[84]) if 84 in flags
+                             else item.exptime)
+            status = ST_STORED
+        else:
+            store.delete(key)
+            self.stats["delete_hits"] += 1
+            status = ST_STORED
+        if status != ST_STORED:
+            self.stats["delete_misses"] += 1
+        elif 113 in flags:
+            return pos
+        self.write(b" ".join([META_STATUS[status]] + meta_echo(flags, key, 98 in flags)) + CRLF)
+        return pos
+
+    def cmd_ma(self, tokens, buf, pos):
+        key, flags = self._meta_args(tokens, META_TOO_LONG, INVALID_OR_DUPLICATE_FLAG)
+        mode = flags.get(77, b"I")                           # M
+        if mode not in MA_MODES:
+            raise INVALID_MA_MODE
+        incr = mode in b"I+"
+        store, stats = self.store, self.stats
+        status, result, item = store.incr(key, flags.get(68, 1), incr, flags.get(67, 0))
+        if status == ST_NON_NUMERIC:
+            raise NON_NUMERIC_VALUE
+        name = "incr" if incr else "decr"
+        created = False
+        if status == ST_STORED:
+            stats[name + "_hits"] += 1
+        elif status == ST_NOT_FOUND:
+            if 78 in flags:                                  # N: create with J
+                result = flags.get(74, 0)
+                item = store.vivify(key, b"%d" % result)
+                created = True
+            else:
+                stats[name + "_misses"] += 1
+        if item is None:
+            out = [META_STATUS[status]] + meta_echo(flags, key, 98 in flags)
+            self.write(b" ".join(out) + CRLF)
+            return pos
+        digits = b"%d" % result
+        out = [b"VA %d" % len(digits) if 118 in flags else b"HD"]
+        exptime = item.exptime
+        for char, arg in flags.items():
+            if char == 99:                                   # c
+                out.append(b"c%d" % item.cas)
+            elif char == 116:                                # t
+                out.append(b"t%d" % ((exptime - int(store.now)) & UINT32_MASK)
+                           if exptime else b"t-1")
+            elif char == 84:                                 # T
+                exptime = store.absolute(arg)
+            elif char == 78:                                 # N
+                if created:
+                    exptime = store.absolute(arg)
+            elif char == 79:
+                out.append(arg)
+            elif char == 107:
+                out.append(meta_key(key, 98 in flags))
+        if exptime != item.exptime:
+            store.set_exptime(key, item, exptime)
+        if 113 in flags and not created:                     # q: quiet success
+            return pos
+        out = b" ".join(out) + CRLF
+        self.write(out + digits + CRLF if 118 in flags else out)
+        return pos
+
+    def cmd_mn(self, tokens, buf, pos):
+        self.write(b"MN\r\n")
+        return pos
+
+    def cmd_me(self, tokens, buf, pos):
+        """`me <key> [b]`: memcached's item debug line, with its slab class and size."""
+        if len(tokens) < 2 or len(tokens[1]) > KEY_MAX_LENGTH:
+            raise BAD_FORMAT
+        key = tokens[1]
+        if len(tokens) > 2 and tokens[2] == b"b":
+            key = base64_key(key)
+            if key is None:
+                raise BAD_FORMAT
+        self.stats["cmd_meta"] += 1
+        item = self.store.get(key, False)
+        if item is None:
+            self.write(b"EN\r\n")
+            return pos
+        now_s = int(self.store.now)
+        shown = meta_key(key, item.state & KEY_BINARY)[1:]
+        if item.state & KEY_BINARY:
+            shown = shown[:-2]
+        size = item_total_size(key, item.flags, len(item.value))
+        self.write(b"ME %b exp=%d la=%d cas=%d fetch=%b cls=%d size=%d\r\n" % (
+            shown, now_s - item.exptime if item.exptime else -1, now_s - int(item.atime),
+            item.cas, b"yes" if item.state & FETCHED else b"no", slab_class(size), size))
+        return pos
 
     # -- other commands ------------------------------------------------------
 
@@ -1823,7 +2303,7 @@ class ServerConnection(Connection):
         delta = parse_uint64(tokens[2])
         if delta is None:
             raise INVALID_DELTA
-        status, value = self.store.incr(key, delta, incr)
+        status, value, item = self.store.incr(key, delta, incr)
         if status == ST_NON_NUMERIC:
             raise NON_NUMERIC_VALUE
         name = "incr" if incr else "decr"
@@ -2016,9 +2496,9 @@ class Server:
                  ("max_connections", self.max_conns),
                  ("curr_connections", len(self.connections))]
         pairs += [(name, counters[name]) for name in SERVER_COUNTERS[:2]]
-        pairs += [(name, counters[name]) for name in SERVER_COUNTERS[2:8]]
+        pairs += [(name, counters[name]) for name in SERVER_COUNTERS[2:9]]
         pairs += [("get_expired", store.get_expired), ("get_flushed", store.get_flushed)]
-        pairs += [(name, counters[name]) for name in SERVER_COUNTERS[8:]]
+        pairs += [(name, counters[name]) for name in SERVER_COUNTERS[9:]]
         pairs += [("limit_maxbytes", store.memory_limit), ("threads", 1),
                   ("bytes", store.bytes), ("curr_items", store.curr_items),
                   ("total_items", store.total_items), ("evictions", store.evictions),
