@@ -17,7 +17,15 @@ Protocol (memcached 1.6 text protocol, ``doc/protocol.txt``):
     storage    set add replace append prepend cas      <key> <flags> <exptime> <bytes> [noreply]
     retrieval  get gets <key>*    gat gats <exptime> <key>*
     other      delete incr decr touch flush_all version verbosity stats quit shutdown
+    meta       mg ms md ma mn me <key> <flags>*   (the meta protocol of memcached 1.6.18)
     errors     ERROR | CLIENT_ERROR <why> | SERVER_ERROR <why>
+
+The same port answers HTTP (Tokyo Tyrant style), on the same items:
+
+    curl -X PUT --data-binary hello http://127.0.0.1:11211/greeting     # 201
+    curl http://127.0.0.1:11211/greeting                                # 200 hello
+    curl -X DELETE http://127.0.0.1:11211/greeting                      # 200
+    curl http://127.0.0.1:11211/                                        # stats as JSON
 
 A telnet session:
 
@@ -34,7 +42,8 @@ File formats (under ``--data``):
 
     store.sqlite3   SQLite, the table of Python 3.13's dbm.sqlite3:
                     Dict(key BLOB UNIQUE NOT NULL, value BLOB NOT NULL);
-                    value = <flags u32><exptime i64><cas u64> little-endian + data
+                    value = <flags u32><exptime i64><cas u64><state u8>
+                    little-endian + data
     store.<engine>  the same key/value pairs in a dbm.gnu/ndbm/dumb file
     ulog/*.ulog     the update log; record format in section 6
 
@@ -76,6 +85,7 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 import zlib
 from queue import Empty
 
@@ -92,6 +102,7 @@ DEFAULT_DATA_DIR = "./memtool-data"
 KEY_MAX_LENGTH = 250                # memcached KEY_MAX_LENGTH
 LINE_MAX_BYTES = 2048               # no newline after this many bytes: drop the client
 MULTIGET_LINE_MAX_BYTES = 1 << 20   # our bound on a long get line (memcached has none)
+HTTP_HEAD_MAX_BYTES = 8192          # HTTP request line + headers; more is 431
 ITEM_SIZE_MAX_DEFAULT = 1 << 20     # -I
 ITEM_HEADER_BYTES = 59              # memcached's per-item overhead counted against -I:
                                     # 48-byte header + key NUL + "\r\n" + 8-byte cas
@@ -184,6 +195,19 @@ class ServerError(ProtocolError):
 
     def __init__(self, why):
         super().__init__(b"SERVER_ERROR " + why)
+
+
+class HttpError(MemtoolError):
+    """An HTTP request whose framing is broken: answer `status` and close.
+
+    detail (bytes) goes into a 400's body; the connection cannot continue
+    because where the next request starts is unknown.
+    """
+
+    def __init__(self, status, detail=b""):
+        super().__init__(f"HTTP {status} {detail.decode('latin-1')}")
+        self.status = status
+        self.detail = detail
 
 
 class Disconnect(MemtoolError):
@@ -469,6 +493,130 @@ def encode_stats(pairs):
     lines = [b"STAT %s %s\r\n" % (name.encode(), str(value).encode()) for name, value in pairs]
     lines.append(END)
     return b"".join(lines)
+
+
+# HTTP/1.1 requests (RFC 9112), as far as a key-value store needs them: the
+# head, a Content-Length or chunked body, keys from the path.
+HTTP_HEAD_END = re.compile(rb"\n\r?\n")
+HTTP_VERSION = re.compile(rb"HTTP/(\d)\.\d\Z")
+HTTP_CHUNK_SIZE = re.compile(rb"[ \t]*([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\n]*)?\r?\Z")
+HTTP_TRAILER_MAX_BYTES = HTTP_HEAD_MAX_BYTES
+
+
+def parse_http_head(head):
+    """(method, target, minor version, headers) of a request head.
+
+    head: bytes from the request line through the blank line; lines may end
+    in CRLF or LF. headers maps lowercased names to values (bytes, stripped);
+    a repeated header's values are joined with ", " (RFC 9110 5.3). Raises
+    HttpError 400 for a malformed line, 505 for an HTTP major version not 1.
+    """
+    lines = head.split(b"\n")
+    parts = lines[0].rstrip(b"\r").split(b" ")
+    version = HTTP_VERSION.match(parts[-1]) if len(parts) == 3 else None
+    if version is None or not parts[0] or not parts[1]:
+        if parts[-1].startswith(b"HTTP/") and len(parts) == 3 and parts[0] and parts[1]:
+            raise HttpError(505)
+        raise HttpError(400, b"malformed request line")
+    if version.group(1) != b"1":
+        raise HttpError(505)
+    headers = {}
+    for line in lines[1:]:
+        line = line.rstrip(b"\r")
+        if not line:
+            continue
+        if line[:1] in b" \t":
+            raise HttpError(400, b"folded header line")
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name.strip(b" \t") != name:
+            raise HttpError(400, b"malformed header line")
+        name, value = name.lower(), value.strip(b" \t")
+        if name in headers:
+            if name == b"content-length" and headers[name] != value:
+                raise HttpError(400, b"conflicting Content-Length headers")
+            if name != b"content-length":
+                value = headers[name] + b", " + value
+        headers[name] = value
+    return parts[0], parts[1], int(parts[2][7:8]), headers
+
+
+def parse_chunked(buf, pos, limit):
+    """Decode a chunked body starting at buf[pos]: (end offset, body) or None.
+
+    None means more bytes are needed. limit: the most body bytes accepted.
+    Raises HttpError 400 for bad framing, 413 as soon as the declared chunk
+    sizes pass `limit` (before their data is read).
+    """
+    parts = []
+    total = 0
+    while True:
+        eol = buf.find(b"\n", pos)
+        if eol < 0:
+            if len(buf) - pos > 1024:
+                raise HttpError(400, b"bad chunk size line")
+            return None
+        size = HTTP_CHUNK_SIZE.match(buf, pos, eol)
+        if size is None:
+            raise HttpError(400, b"bad chunk size line")
+        size = int(size.group(1), 16)
+        pos = eol + 1
+        if size == 0:
+            break
+        total += size
+        if total > limit:
+            raise HttpError(413)
+        end = pos + size
+        if len(buf) < end + 1 or (buf[end:end + 1] == b"\r" and len(buf) < end + 2):
+            return None
+        if buf[end:end + 1] == b"\n":
+            after = end + 1
+        elif buf[end:end + 2] == CRLF:
+            after = end + 2
+        else:
+            raise HttpError(400, b"chunk data not followed by CRLF")
+        parts.append(buf[pos:end])
+        pos = after
+    start = pos
+    while True:   # trailer fields, up to a blank line; ignored
+        eol = buf.find(b"\n", pos)
+        if eol < 0 or eol - start > HTTP_TRAILER_MAX_BYTES:
+            if len(buf) - start > HTTP_TRAILER_MAX_BYTES:
+                raise HttpError(431)
+            return None
+        line, pos = buf[pos:eol].rstrip(b"\r"), eol + 1
+        if not line:
+            return pos, b"".join(parts)
+
+
+def http_key(target):
+    """The item key of a request target (`/key?query` or `http://host/key`), or None.
+
+    The path after its first `/` is percent-decoded to bytes (RFC 3986); the
+    query is ignored. None when the target has no path.
+    """
+    if target[:1] != b"/":
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            return None
+        target = b"/" + rest.partition(b"/")[2]
+    path = target.partition(b"?")[0].partition(b"#")[0]
+    return urllib.parse.unquote_to_bytes(path[1:])
+
+
+def if_match(header, cas):
+    """Does an If-Match value (RFC 9110 13.1.1) accept an item with this cas unique?
+
+    cas None means the item is absent: nothing matches, not even `*`.
+    Weak tags never match; a bare number is taken as a tag.
+    """
+    if cas is None:
+        return False
+    tag = b"%d" % cas
+    for candidate in header.split(b","):
+        candidate = candidate.strip(b" \t")
+        if candidate == b"*" or candidate.strip(b'"') == tag and candidate[:2] != b"W/":
+            return True
+    return False
 
 
 # Client side: what a reply to a request looks like depends on the request
@@ -1829,6 +1977,18 @@ UNKNOWN = UnknownCommand()
 STATUS_LINES = {ST_STORED: STORED, ST_NOT_STORED: NOT_STORED, ST_EXISTS: EXISTS,
                 ST_NOT_FOUND: NOT_FOUND, ST_DELETED: DELETED}
 META_STATUS = {ST_STORED: b"HD", ST_NOT_STORED: b"NS", ST_EXISTS: b"EX", ST_NOT_FOUND: b"NF"}
+HTTP_REASONS = {100: b"Continue", 200: b"OK", 201: b"Created", 400: b"Bad Request",
+                404: b"Not Found", 405: b"Method Not Allowed", 409: b"Conflict",
+                412: b"Precondition Failed", 413: b"Payload Too Large",
+                431: b"Request Header Fields Too Large", 501: b"Not Implemented",
+                505: b"HTTP Version Not Supported"}
+HTTP_METHODS = (b"GET", b"HEAD", b"PUT", b"POST", b"DELETE")
+HTTP_ALLOW_ALL = b"Allow: GET, HEAD, PUT, POST, DELETE\r\n"
+HTTP_ALLOW_ROOT = b"Allow: GET, HEAD\r\n"
+HTTP_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+HTTP_EXPTIME = re.compile(rb"-?[0-9]{1,10}\Z")
+PDMODES = {None: b"S", b"0": b"S", b"1": b"E", b"2": b"A"}  # Tokyo Tyrant X-TT-PDMODE
+TEXT_KEY_UNSAFE = re.compile(rb"[\x00-\x20\x7f]")          # bytes a text-protocol key lacks
 SERVER_COUNTERS = (
     "total_connections", "rejected_connections", "cmd_get", "cmd_set", "cmd_flush",
     "cmd_touch", "cmd_meta", "get_hits", "get_misses", "delete_misses", "delete_hits", "incr_misses",
@@ -1848,6 +2008,9 @@ class ServerConnection(Connection):
         self.need = 0                # don't parse until inbuf holds this many bytes
         self.swallow = 0             # bytes of a refused data block still to discard
         self.noreply = False         # the current command said noreply
+        self.http_close = False      # HTTP: close after the reply being built
+        self.http_keep_alive_10 = False  # HTTP/1.0 request that asked for keep-alive
+        self.http_continued = False  # HTTP: 100 Continue sent for the pending request
 
     def data_received(self, data):
         if self.swallow:
@@ -1883,7 +2046,9 @@ class ServerConnection(Connection):
                 handler = handlers.get(tokens[0]) if tokens else None
                 if handler is None:
                     if tokens and tokens[-1].startswith(b"HTTP/"):
-                        raise Disconnect
+                        # An HTTP client: the connection speaks HTTP from here on.
+                        self.process = self.process_http
+                        return pos + self.process_http(buf[pos:])
                     raise UNKNOWN
                 after = handler(self, tokens, buf, eol + 1)
             except ProtocolError as err:
@@ -2271,6 +2436,176 @@ class ServerConnection(Connection):
             item.cas, b"yes" if item.state & FETCHED else b"no", slab_class(size), size))
         return pos
 
+    # -- HTTP: the same items over HTTP/1.1 (README "HTTP") ---------------------
+    #
+    # A connection switches here at its first HTTP request line. Each
+    # request is answered once its whole body is in; framing errors answer
+    # and close, every other refusal keeps the connection.
+
+    def process_http(self, buf):
+        """Handle every complete HTTP request in buf; return the offset of the rest."""
+        pos, end = 0, len(buf)
+        self.need = 0
+        while pos < end and not self.closing:
+            try:
+                after = self._http_request(buf, pos)
+            except HttpError as err:
+                self.http_close = True
+                self._http_reply(err.status, detail=err.detail)
+                self.close_when_sent()
+                return end
+            if after is None:
+                return pos
+            pos = after
+        return end if self.closing else pos
+
+    def _http_request(self, buf, pos):
+        """Answer the request at buf[pos:]; its end offset, or None until it is all in."""
+        while buf[pos:pos + 1] in (b"\r", b"\n"):
+            pos += 1     # blank lines between requests are allowed (RFC 9112 2.2)
+        found = HTTP_HEAD_END.search(buf, pos, pos + HTTP_HEAD_MAX_BYTES)
+        if found is None:
+            if len(buf) - pos >= HTTP_HEAD_MAX_BYTES:
+                raise HttpError(431)
+            return None
+        head_end = found.end()
+        method, target, minor, headers = parse_http_head(buf[pos:head_end])
+        connection = headers.get(b"connection", b"").lower()
+        self.http_close = b"close" in connection or (minor == 0 and b"keep-alive" not in connection)
+        self.http_keep_alive_10 = minor == 0 and not self.http_close
+        key = http_key(target)
+        limit = self.server.item_size_max
+        if method in (b"PUT", b"POST") and key:
+            flags = headers.get(b"x-memtool-flags", b"")
+            limit -= item_total_size(key, int(flags) if flags.isdigit() else 0, 0)
+        chunked = headers.get(b"transfer-encoding")
+        length = headers.get(b"content-length")
+        if chunked is not None:
+            if length is not None:
+                raise HttpError(400, b"both Content-Length and Transfer-Encoding")
+            if chunked.lower() != b"chunked":
+                raise HttpError(501)
+            parsed = parse_chunked(buf, head_end, limit)
+            if parsed is None:
+                self._http_continue(headers, minor)
+                return None
+            end, body = parsed
+        else:
+            if length is None:
+                length = b"0"
+            if not length.isdigit() or len(length) > 18:
+                raise HttpError(400, b"bad Content-Length")
+            end = head_end + int(length)
+            if end - head_end > limit:
+                raise HttpError(413)
+            if end > len(buf):
+                self._http_continue(headers, minor)
+                self.need = end - pos
+                return None
+            body = buf[head_end:end]
+        self.http_continued = False
+        self._http_answer(method, key, headers, body)
+        if self.http_close:
+            self.close_when_sent()
+        return end
+
+    def _http_continue(self, headers, minor):
+        """`Expect: 100-continue`: tell the client to send the body, once."""
+        if (not self.http_continued and minor == 1
+                and headers.get(b"expect", b"").lower() == b"100-continue"):
+            self.http_continued = True
+            self.write(HTTP_CONTINUE)
+
+    def _http_answer(self, method, key, headers, body):
+        if method not in HTTP_METHODS:
+            return self._http_reply(405, extra=HTTP_ALLOW_ALL)
+        if key is None:
+            return self._http_reply(400, detail=b"request target is not a path")
+        if len(key) > KEY_MAX_LENGTH:
+            return self._http_reply(400, detail=b"key longer than 250 bytes")
+        head_only = method == b"HEAD"
+        if not key:
+            if method not in (b"GET", b"HEAD"):
+                return self._http_reply(405, extra=HTTP_ALLOW_ROOT)
+            stats = {name: _json_number(value) for name, value in self.server.general_stats()}
+            return self._http_reply(200, json.dumps(stats).encode() + b"\n",
+                                    b"application/json", head_only=head_only)
+        if method in (b"GET", b"HEAD"):
+            return self._http_get(key, head_only)
+        if method == b"DELETE":
+            return self._http_delete(key, headers)
+        return self._http_put(key, headers, body)
+
+    def _http_get(self, key, head_only):
+        item = self.store.get(key)
+        self.stats["cmd_get"] += 1
+        if item is None:
+            self.stats["get_misses"] += 1
+            return self._http_reply(404, head_only=head_only)
+        self.stats["get_hits"] += 1
+        extra = b'X-Memtool-Flags: %d\r\nX-Memtool-Exptime: %d\r\nETag: "%d"\r\n' % (
+            item.flags, item.exptime, item.cas)
+        return self._http_reply(200, memoryview(item.rendered)[item.vstart:-2],
+                                b"application/octet-stream", extra, head_only)
+
+    def _http_delete(self, key, headers):
+        cas_unique = None
+        condition = headers.get(b"if-match")
+        if condition is not None:
+            item = self.store.get(key, False)
+            if not if_match(condition, item and item.cas):
+                return self._http_reply(412)
+            cas_unique = item.cas
+        status = self.store.delete(key, cas_unique)
+        self.stats["delete_hits" if status == ST_DELETED else "delete_misses"] += 1
+        return self._http_reply(200 if status == ST_DELETED else 404)
+
+    def _http_put(self, key, headers, body):
+        """PUT/POST: set, or add/append by X-TT-PDMODE, or cas by If-Match."""
+        flags = headers.get(b"x-memtool-flags", b"0")
+        if not flags.isdigit() or int(flags) > UINT32_MASK:
+            return self._http_reply(400, detail=b"bad X-Memtool-Flags")
+        flags = int(flags)
+        exptime = headers.get(b"x-memtool-exptime", b"0")
+        if not HTTP_EXPTIME.match(exptime) or not -2**31 <= int(exptime) < 2**31:
+            return self._http_reply(400, detail=b"bad X-Memtool-Exptime")
+        exptime = int(exptime)
+        mode = PDMODES.get(headers.get(b"x-tt-pdmode"))
+        if mode is None:
+            return self._http_reply(400, detail=b"bad X-TT-PDMODE")
+        if not item_size_ok(key, flags, len(body), self.server.item_size_max):
+            self.stats["store_too_large"] += 1
+            return self._http_reply(413)
+        cas_unique = 0
+        condition = headers.get(b"if-match")
+        if condition is not None:
+            item = self.store.get(key, False)
+            if not if_match(condition, item and item.cas):
+                return self._http_reply(412)
+            cas_unique = item.cas
+        state = KEY_BINARY if TEXT_KEY_UNSAFE.search(key) else 0
+        self.stats["cmd_set"] += 1
+        status, item = self.store.store(mode, key, flags, exptime, body, cas_unique, False,
+                                        state)
+        if status == ST_NOT_STORED and mode == b"A":   # Tokyo Tyrant's concat creates it
+            status, item = self.store.store(b"S", key, flags, exptime, body, 0, False, state)
+        if status == ST_STORED:
+            return self._http_reply(201, extra=b'ETag: "%d"\r\n' % item.cas)
+        return self._http_reply(409 if mode == b"E" else 412)
+
+    def _http_reply(self, status, body=None, content_type=b"text/plain", extra=b"",
+                    head_only=False, detail=b""):
+        """Queue one response; body None means the reason phrase as text."""
+        if body is None:
+            body = HTTP_REASONS[status] + (b": " + detail if detail else b"") + b"\n"
+        if self.http_close:
+            extra += b"Connection: close\r\n"
+        elif self.http_keep_alive_10:
+            extra += b"Connection: keep-alive\r\n"
+        head = b"HTTP/1.1 %d %b\r\nContent-Type: %b\r\nContent-Length: %d\r\n%b\r\n" % (
+            status, HTTP_REASONS[status], content_type, len(body), extra)
+        self.writelines((head,) if head_only else (head, body))
+
     # -- other commands ------------------------------------------------------
 
     def cmd_delete(self, tokens, buf, pos):
@@ -2419,6 +2754,13 @@ class ServerConnection(Connection):
         if exptime is None:
             raise INVALID_EXPTIME
         return exptime
+
+
+def _json_number(value):
+    """A `stats` value for JSON: numbers as numbers, the rest as strings."""
+    if isinstance(value, str) and re.match(r"-?[0-9]+(\.[0-9]+)?\Z", value):
+        return float(value) if "." in value else int(value)
+    return value
 
 
 HANDLERS = {name[4:].encode(): method for name, method in vars(ServerConnection).items()
