@@ -404,6 +404,7 @@ INVALID_MS_MODE = ClientError(b"invalid mode for ms M token")
 INVALID_MA_MODE = ClientError(b"invalid mode for ma M token")
 MS_MODES = (b"S", b"E", b"A", b"P", b"R")   # set, add (E), append, prepend, replace
 MA_MODES = (b"I", b"+", b"D", b"-")         # incr, incr, decr, decr
+BASE64_OTHER = re.compile(rb"[^A-Za-z0-9+/=]")
 
 
 def parse_meta_flags(tokens, start):
@@ -455,12 +456,24 @@ def parse_meta_flags(tokens, start):
 
 
 def base64_key(text):
-    """A `b` flag's key decoded, or None when it is not base64 (memcached base64.c)."""
-    try:
-        key = binascii.a2b_base64(text)
-    except binascii.Error:
+    """A `b` flag's key decoded, or None where memcached's base64_decode fails.
+
+    Its rules: bytes outside the alphabet are skipped, the rest (`=`
+    included) must be a non-empty multiple of 4, and decoding ends with the
+    first 4-byte block holding `=`, each `=` dropping one byte (3 is an error).
+    """
+    chars = BASE64_OTHER.sub(b"", text)
+    if not chars or len(chars) % 4:
         return None
-    return key or None
+    pad_at = chars.find(b"=")
+    pad = 0
+    if pad_at >= 0:
+        chars = chars[:pad_at - pad_at % 4 + 4]
+        pad = chars.count(b"=")
+        if pad > 2:
+            return None
+    key = binascii.a2b_base64(chars.replace(b"=", b"A"))
+    return key[:len(key) - pad] or None
 
 
 def meta_key(key, binary):
@@ -471,10 +484,15 @@ def meta_key(key, binary):
 
 
 def meta_echo(flags, key, binary):
-    """The O and k return flags, in request order (every meta reply carries them)."""
+    """The O and k return flags, in request order (every meta reply carries them).
+
+    Raises OPAQUE_TOO_LONG for an O token over META_OPAQUE_MAX bytes.
+    """
     out = []
     for char, arg in flags.items():
         if char == 79:
+            if len(arg) > META_OPAQUE_MAX:
+                raise OPAQUE_TOO_LONG
             out.append(arg)
         elif char == 107:
             out.append(meta_key(key, binary))
@@ -1140,20 +1158,21 @@ class Store:
         self._write(key, flags, self.absolute(exptime), value, old.size)
         return ST_STORED
 
-    def store(self, mode, key, flags, exptime, value, cas_unique=0, invalidate=False,
+    def store(self, mode, key, flags, exptime, value, cas_unique=None, invalidate=False,
               state=0):
         """The meta `ms` write (memcached do_store_item): (status, new Item or None).
 
         mode: b"S" set, b"E" add, b"A" append, b"P" prepend, b"R" replace.
-        cas_unique (0 = none) turns set/replace into cas and guards
-        append/prepend; with `invalidate`, a cas older than the item's still
-        stores, as a STALE item keeping the old exptime (mg then shows X).
+        cas_unique (None = none; 0 never matches) turns set/replace into cas;
+        a non-zero one guards append/prepend. With `invalidate`, a cas older
+        than the item's still stores, as a STALE item keeping the old exptime
+        (mg then shows X).
         """
         old = self.get(key, False)
         if old is None:
-            if cas_unique and mode in b"SR":
+            if cas_unique is not None and mode in b"SR":
                 return ST_NOT_FOUND, None
-            if mode in b"AR":
+            if mode in b"APR":
                 return ST_NOT_STORED, None
             return ST_STORED, self._write(key, flags, self.absolute(exptime), value, None,
                                           state=state)
@@ -1164,7 +1183,7 @@ class Store:
                 return ST_EXISTS, None
             return self._concat(key, value, mode == b"A")
         exptime = self.absolute(exptime)
-        if cas_unique and cas_unique != old.cas:
+        if cas_unique is not None and cas_unique != old.cas:
             if not (invalidate and cas_unique < old.cas):
                 return ST_EXISTS, None
             exptime = old.exptime
@@ -2209,7 +2228,6 @@ class ServerConnection(Connection):
             if flag_error is None:
                 raise
             raise flag_error from None
-        check_opaque(flags)
         return key, flags
 
     def cmd_mg(self, tokens, buf, pos):
@@ -2223,13 +2241,14 @@ class ServerConnection(Connection):
         if item is None:
             stats["cmd_get"] += 1
             stats["get_misses"] += 1
+            echo = meta_echo(flags, key, 98 in flags)      # its errors are never quiet
             if 113 not in flags:                             # q
-                self.write(b" ".join([b"EN"] + meta_echo(flags, key, 98 in flags)) + CRLF)
+                self.write(b" ".join([b"EN"] + echo) + CRLF)
             return pos
         value = item.value
         out = [b"VA %d" % len(value) if 118 in flags else b"HD"]
         exptime = item.exptime
-        won = touched = False
+        won = touched = opaque_too_long = False
         for char, arg in flags.items():
             if char == 84:                                   # T: touch
                 exptime = store.absolute(arg)
@@ -2256,9 +2275,16 @@ class ServerConnection(Connection):
             elif char == 104:                                # h
                 out.append(b"h1" if item.state & FETCHED else b"h0")
             elif char == 79:                                 # O
+                if len(arg) > META_OPAQUE_MAX:
+                    opaque_too_long = True   # memcached finds out here, after T
+                    break
                 out.append(arg)
             elif char == 107:                                # k
                 out.append(meta_key(key, item.state & KEY_BINARY))
+        if opaque_too_long:
+            if exptime != item.exptime:
+                store.set_exptime(key, item, exptime)
+            raise OPAQUE_TOO_LONG
         if item.state & TOKEN_SENT:
             out.append(b"Z")
         if item.state & STALE:
@@ -2314,11 +2340,11 @@ class ServerConnection(Connection):
         if buf[end - 2:end] != CRLF:
             self.write(BAD_DATA_CHUNK.line)
             return end
-        cas_unique = flags.get(67, 0)                        # C
+        cas_unique = flags.get(67)                           # C
         binary = KEY_BINARY if 98 in flags else 0
         status, item = self.store.store(mode, key, client_flags, flags.get(84, 0),
                                         buf[pos:end - 2], cas_unique, 73 in flags, binary)
-        if cas_unique and mode in b"SR":
+        if cas_unique is not None and mode in b"SR":
             self.stats[{ST_STORED: "cas_hits", ST_EXISTS: "cas_badval",
                         ST_NOT_FOUND: "cas_misses"}[status]] += 1
         if status == ST_STORED and 113 in flags:             # q
@@ -2336,6 +2362,7 @@ class ServerConnection(Connection):
 
     def cmd_md(self, tokens, buf, pos):
         key, flags = self._meta_args(tokens, META_TOO_LONG, INVALID_OR_DUPLICATE_FLAG)
+        check_opaque(flags)
         store = self.store
         item = store.get(key, False)
         if item is None:
@@ -2385,6 +2412,7 @@ class ServerConnection(Connection):
         digits = b"%d" % result
         out = [b"VA %d" % len(digits) if 118 in flags else b"HD"]
         exptime = item.exptime
+        opaque_too_long = False
         for char, arg in flags.items():
             if char == 99:                                   # c
                 out.append(b"c%d" % item.cas)
@@ -2397,11 +2425,16 @@ class ServerConnection(Connection):
                 if created:
                     exptime = store.absolute(arg)
             elif char == 79:
+                if len(arg) > META_OPAQUE_MAX:
+                    opaque_too_long = True   # found after the change, as memcached does
+                    break
                 out.append(arg)
             elif char == 107:
                 out.append(meta_key(key, 98 in flags))
         if exptime != item.exptime:
             store.set_exptime(key, item, exptime)
+        if opaque_too_long:
+            raise OPAQUE_TOO_LONG
         if 113 in flags and not created:                     # q: quiet success
             return pos
         out = b" ".join(out) + CRLF
@@ -2576,7 +2609,7 @@ class ServerConnection(Connection):
         if not item_size_ok(key, flags, len(body), self.server.item_size_max):
             self.stats["store_too_large"] += 1
             return self._http_reply(413)
-        cas_unique = 0
+        cas_unique = None
         condition = headers.get(b"if-match")
         if condition is not None:
             item = self.store.get(key, False)
@@ -2588,7 +2621,8 @@ class ServerConnection(Connection):
         status, item = self.store.store(mode, key, flags, exptime, body, cas_unique, False,
                                         state)
         if status == ST_NOT_STORED and mode == b"A":   # Tokyo Tyrant's concat creates it
-            status, item = self.store.store(b"S", key, flags, exptime, body, 0, False, state)
+            status, item = self.store.store(b"S", key, flags, exptime, body, None, False,
+                                            state)
         if status == ST_STORED:
             return self._http_reply(201, extra=b'ETag: "%d"\r\n' % item.cas)
         return self._http_reply(409 if mode == b"E" else 412)

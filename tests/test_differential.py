@@ -245,9 +245,7 @@ SCRIPTS = {
     "long_line_without_newline_closes": [Close(b"set " + b"k" * 2100)],
     "long_gat_in_pieces_closes": [Close(b"gat 0 " + LONG_KEYS)],
     "long_get_after_many_spaces_closes": [Close(b" " * 150 + b"get " + LONG_KEYS)],
-    "http_closes": [b"get HTTP/1.1\r\n", Close(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")],
-    "http_token_closes": [Close(b"foo bar HTTP/1.0\r\n")],
-    "http_alone_closes": [Close(b"HTTP/1.1\r\n")],
+    "get_of_http_token": [b"get HTTP/1.1\r\n"],
     "quit_closes": [b"set a 0 0 1\r\nx\r\n", Close(b"get a\r\nquit\r\nget a\r\n")],
     "quit_with_args_closes": [Close(b"quit now please\r\n")],
 }

@@ -437,11 +437,15 @@ def test_long_line_arriving_whole_is_processed(session):
     session.call(b"bogus" + b" " * 3000 + b"\r\n", b"ERROR\r\n")
 
 
-def test_http_request_line_closes(server):
-    for request in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"foo bar HTTP/1.0\r\n"):
-        with server.session() as s:
-            s.send(request)
-            s.expect_closed()
+@pytest.mark.memtool_only
+def test_http_request_line_switches_to_http(server):
+    """memcached drops a client whose line ends in HTTP/x; memtool answers HTTP instead."""
+    with server.session() as s:
+        s.send(b"foo bar HTTP/1.0\r\n\r\n")
+        assert s.read_to_eof().startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+    with server.session() as s:
+        s.send(b"HTTP/1.1\r\n\r\n")
+        assert s.read_to_eof().startswith(b"HTTP/1.1 400 Bad Request\r\n")
     with server.session() as s:
         s.call(b"get HTTP/1.1\r\n", b"END\r\n")      # known command: no special case
 
