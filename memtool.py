@@ -516,6 +516,7 @@ def encode_stats(pairs):
 # HTTP/1.1 requests (RFC 9112), as far as a key-value store needs them: the
 # head, a Content-Length or chunked body, keys from the path.
 HTTP_HEAD_END = re.compile(rb"\n\r?\n")
+HTTP_REQUEST_START = re.compile(rb"[A-Z]+ (?:/|[Hh][Tt][Tt][Pp][Ss]?://)")
 HTTP_VERSION = re.compile(rb"HTTP/(\d)\.\d\Z")
 HTTP_CHUNK_SIZE = re.compile(rb"[ \t]*([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\n]*)?\r?\Z")
 HTTP_TRAILER_MAX_BYTES = HTTP_HEAD_MAX_BYTES
@@ -2056,6 +2057,9 @@ class ServerConnection(Connection):
                 waiting = end - pos
                 if waiting > LINE_MAX_BYTES and not (
                         waiting <= MULTIGET_LINE_MAX_BYTES and is_long_get(buf, pos)):
+                    if HTTP_REQUEST_START.match(buf, pos):   # a long URL: HTTP's limits
+                        self.process = self.process_http
+                        return pos + self.process_http(buf[pos:])
                     raise Disconnect
                 self.need = 0
                 return pos
@@ -2507,12 +2511,14 @@ class ServerConnection(Connection):
         self.http_close = b"close" in connection or (minor == 0 and b"keep-alive" not in connection)
         self.http_keep_alive_10 = minor == 0 and not self.http_close
         key = http_key(target)
+        stores = method in (b"PUT", b"POST")
         limit = self.server.item_size_max
-        if method in (b"PUT", b"POST") and key:
+        if stores and key:
             flags = headers.get(b"x-memtool-flags", b"")
             limit -= item_total_size(key, int(flags) if flags.isdigit() else 0, 0)
         chunked = headers.get(b"transfer-encoding")
         length = headers.get(b"content-length")
+        body = b""
         if chunked is not None:
             if length is not None:
                 raise HttpError(400, b"both Content-Length and Transfer-Encoding")
@@ -2529,18 +2535,19 @@ class ServerConnection(Connection):
             if not length.isdigit() or len(length) > 18:
                 raise HttpError(400, b"bad Content-Length")
             end = head_end + int(length)
-            if end - head_end > limit:
-                raise HttpError(413)
-            if end > len(buf):
-                self._http_continue(headers, minor)
-                self.need = end - pos
-                return None
-            body = buf[head_end:end]
+            if stores:
+                if end - head_end > limit:
+                    raise HttpError(413)
+                if end > len(buf):
+                    self._http_continue(headers, minor)
+                    self.need = end - pos
+                    return None
+                body = buf[head_end:end]
         self.http_continued = False
         self._http_answer(method, key, headers, body)
         if self.http_close:
             self.close_when_sent()
-        return end
+        return self._skip_block(buf, end)   # a body nobody stores is discarded unread
 
     def _http_continue(self, headers, minor):
         """`Expect: 100-continue`: tell the client to send the body, once."""
@@ -2616,15 +2623,17 @@ class ServerConnection(Connection):
             if not if_match(condition, item and item.cas):
                 return self._http_reply(412)
             cas_unique = item.cas
+        if mode == b"A" and self.store.get(key, False) is None:
+            mode = b"S"                        # Tokyo Tyrant's concat creates the record
         state = KEY_BINARY if TEXT_KEY_UNSAFE.search(key) else 0
         self.stats["cmd_set"] += 1
         status, item = self.store.store(mode, key, flags, exptime, body, cas_unique, False,
                                         state)
-        if status == ST_NOT_STORED and mode == b"A":   # Tokyo Tyrant's concat creates it
-            status, item = self.store.store(b"S", key, flags, exptime, body, None, False,
-                                            state)
         if status == ST_STORED:
             return self._http_reply(201, extra=b'ETag: "%d"\r\n' % item.cas)
+        if mode == b"A":                       # the joined value would pass -I
+            self.stats["store_too_large"] += 1
+            return self._http_reply(413)
         return self._http_reply(409 if mode == b"E" else 412)
 
     def _http_reply(self, status, body=None, content_type=b"text/plain", extra=b"",
