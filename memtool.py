@@ -2182,27 +2182,44 @@ class ServerConnection(Connection):
             raise UNKNOWN
         self.noreply = tokens[-1] == NOREPLY
         key, flags, exptime, nbytes, cas_unique = parse_storage(tokens, with_cas)
+        # memcached drops the old value of a too-large set: no stale reads
+        block = self._data_block(key, flags, nbytes, buf, pos, method == self.store.set)
+        if block is None:
+            return None
+        end, value = block
+        if value is None:
+            return end
+        args = (cas_unique,) if with_cas else ()
+        status = method(key, flags, exptime, value, *args)
+        if with_cas:
+            self.stats[{ST_STORED: "cas_hits", ST_EXISTS: "cas_badval",
+                        ST_NOT_FOUND: "cas_misses"}[status]] += 1
+        self.reply(STATUS_LINES[status])
+        return end
+
+    def _data_block(self, key, flags, nbytes, buf, pos, drop_old):
+        """The data block of a storage command at buf[pos:]: (end offset, value).
+
+        None until it has all arrived. value is None when it is refused (too
+        large for -I, or not ended by CRLF) and the error reply is queued; a
+        too-large block is skipped without being held, and with drop_old the
+        key's current item is deleted, as memcached unlinks it.
+        """
         end = pos + nbytes + 2
         if not item_size_ok(key, flags, nbytes, self.server.item_size_max):
             self.stats["store_too_large"] += 1
-            if method == self.store.set:   # memcached drops the old value: no stale reads
+            if drop_old:
                 self.store.delete(key)
             self.reply(TOO_LARGE.line)
-            return self._skip_block(buf, end)
+            return self._skip_block(buf, end), None
         if end > len(buf):
             self.need = end
             return None
         self.stats["cmd_set"] += 1
         if buf[end - 2:end] != CRLF:
             self.reply(BAD_DATA_CHUNK.line)
-            return end
-        args = (cas_unique,) if with_cas else ()
-        status = method(key, flags, exptime, buf[pos:end - 2], *args)
-        if with_cas:
-            self.stats[{ST_STORED: "cas_hits", ST_EXISTS: "cas_badval",
-                        ST_NOT_FOUND: "cas_misses"}[status]] += 1
-        self.reply(STATUS_LINES[status])
-        return end
+            return end, None
+        return end, buf[pos:end - 2]
 
     def _skip_block(self, buf, end):
         """Discard a refused data block ending at `end`, which may not have arrived."""
@@ -2332,22 +2349,17 @@ class ServerConnection(Connection):
             self.write(err.line)
             return self._skip_block(buf, end)
         client_flags = flags.get(70, 0)                      # F
-        if not item_size_ok(key, client_flags, nbytes, self.server.item_size_max):
-            self.stats["store_too_large"] += 1
-            self.store.delete(key)     # memcached unlinks the old item whatever the mode
-            self.write(TOO_LARGE.line)
-            return self._skip_block(buf, end)
-        if end > len(buf):
-            self.need = end
+        # memcached unlinks the old item of a too-large ms whatever the mode
+        block = self._data_block(key, client_flags, nbytes, buf, pos, True)
+        if block is None:
             return None
-        self.stats["cmd_set"] += 1
-        if buf[end - 2:end] != CRLF:
-            self.write(BAD_DATA_CHUNK.line)
+        end, value = block
+        if value is None:
             return end
         cas_unique = flags.get(67)                           # C
         binary = KEY_BINARY if 98 in flags else 0
-        status, item = self.store.store(mode, key, client_flags, flags.get(84, 0),
-                                        buf[pos:end - 2], cas_unique, 73 in flags, binary)
+        status, item = self.store.store(mode, key, client_flags, flags.get(84, 0), value,
+                                        cas_unique, 73 in flags, binary)
         if cas_unique is not None and mode in b"SR":
             self.stats[{ST_STORED: "cas_hits", ST_EXISTS: "cas_badval",
                         ST_NOT_FOUND: "cas_misses"}[status]] += 1

@@ -126,11 +126,9 @@ def http(server):
 
 
 @pytest.fixture
-def text(server):
-    """A raw session used for the memcached text protocol only."""
-    s = server.session()
-    yield s
-    s.close()
+def text(session):
+    """The conftest session, named for its use here: the memcached text protocol."""
+    return session
 
 
 # --------------------------------------------------------------------------- methods
