@@ -855,7 +855,6 @@ ST_STORED, ST_NOT_STORED, ST_EXISTS, ST_NOT_FOUND, ST_DELETED, ST_NON_NUMERIC = 
 STALE = 1               # invalidated by `md I` or a stale `ms I` write (mg shows X)
 KEY_BINARY = 2          # the key arrived base64 (`b`) or is not a text key: echo it encoded
 TOKEN_SENT = 4          # a client holds the recache token (mg shows Z, not W)
-FETCHED = 8             # read since it was stored (mg h, me fetch=)
 PERSISTED_STATE = STALE | KEY_BINARY   # the bits kept on disk and in the ulog
 
 RECORD_HEADER = struct.Struct("<IqQB")  # flags, exptime, cas unique, state: before the data
@@ -874,8 +873,10 @@ class Item:
     `rendered` is the exact `get` reply block for it, built once when it is
     stored, because formatting on every get costs more than the memory.
     `size` is what `stats bytes` counts for it: key + record header + data.
-    `state` holds the STALE/KEY_BINARY/TOKEN_SENT/FETCHED bits, `atime` the
-    unix time it was last fetched (or stored).
+    `state` holds the STALE/KEY_BINARY/TOKEN_SENT bits. `atime` is the unix
+    time of the last fetch, or minus the time it was stored while it has not
+    been fetched: memcached's ITEM_FETCHED bit rides in the sign, so a get
+    pays one attribute store for both.
     """
 
     __slots__ = ("flags", "exptime", "cas", "rendered", "vstart", "size", "state", "atime")
@@ -1097,7 +1098,7 @@ class Store:
         """The live Item for key, or None (expired and flushed items vanish here).
 
         fetch: count this as a client read (memcached's do_item_bump): LRU
-        position, last access time and the FETCHED bit. Writes look items up
+        position and last access time (Item.atime). Writes look items up
         with fetch=False, as memcached's DONT_UPDATE.
         """
         item = self.cache.get(key)
@@ -1113,14 +1114,12 @@ class Store:
         if fetch:
             self.cache.move_to_end(key)
             item.atime = self.now
-            item.state |= FETCHED
         return item
 
     def fetched(self, key, item):
         """Count a read of an item looked up with get(fetch=False)."""
         self.cache.move_to_end(key)
         item.atime = self.now
-        item.state |= FETCHED
 
     # -- storage commands ----------------------------------------------------
 
@@ -1221,11 +1220,13 @@ class Store:
             return ST_EXISTS, 0, None
         result = (current + delta) & UINT64_MASK if incr else max(current - delta, 0)
         digits = b"%d" % result
-        state = 0
-        if len(digits) <= len(data):
+        in_place = len(digits) <= len(data)
+        if in_place:
             digits = digits.ljust(len(data))
-            state = old.state
-        item = self._write(key, old.flags, old.exptime, digits, old.size, state=state)
+        item = self._write(key, old.flags, old.exptime, digits, old.size,
+                           state=old.state if in_place else 0)
+        if in_place:
+            item.atime = old.atime
         return ST_STORED, result, item
 
     def touch(self, key, exptime):
@@ -1250,7 +1251,8 @@ class Store:
         The recache token is handed out again: the next mg wins it (W).
         """
         state = (item.state | STALE) & ~TOKEN_SENT
-        self._write(key, item.flags, exptime, item.value, item.size, state=state)
+        marked = self._write(key, item.flags, exptime, item.value, item.size, state=state)
+        marked.atime = item.atime
 
     def flush_all(self, delay=0):
         """Invalidate every item now (delay <= 0) or at a deadline (exptime rules).
@@ -1389,7 +1391,7 @@ class Store:
                 self._cache_put(key, ABSENT)
                 return None
             item = Item.from_record(key, record)
-            item.atime = self.now
+            item.atime = -self.now
         if (item.exptime and item.exptime <= self.now) or item.cas < self.flush_cas:
             self._reap(key, item)
             return None
@@ -1426,7 +1428,7 @@ class Store:
                 self.journal(OP_SET | (state & PERSISTED_STATE) << 4, key, flags, exptime,
                              cas, value)
         item = Item(key, flags, exptime, cas, value, state)
-        item.atime = self.now
+        item.atime = -self.now
         if old_size is None:
             self.curr_items += 1
         else:
@@ -2292,9 +2294,9 @@ class ServerConnection(Connection):
             elif char == 102:                                # f
                 out.append(b"f%d" % item.flags)
             elif char == 108:                                # l
-                out.append(b"l%d" % (int(store.now) - int(item.atime)))
+                out.append(b"l%d" % (int(store.now) - int(abs(item.atime))))
             elif char == 104:                                # h
-                out.append(b"h1" if item.state & FETCHED else b"h0")
+                out.append(b"h1" if item.atime > 0 else b"h0")
             elif char == 79:                                 # O
                 if len(arg) > META_OPAQUE_MAX:
                     opaque_too_long = True   # memcached finds out here, after T
@@ -2481,8 +2483,8 @@ class ServerConnection(Connection):
             shown = shown[:-2]
         size = item_total_size(key, item.flags, len(item.value))
         self.write(b"ME %b exp=%d la=%d cas=%d fetch=%b cls=%d size=%d\r\n" % (
-            shown, now_s - item.exptime if item.exptime else -1, now_s - int(item.atime),
-            item.cas, b"yes" if item.state & FETCHED else b"no", slab_class(size), size))
+            shown, now_s - item.exptime if item.exptime else -1, now_s - int(abs(item.atime)),
+            item.cas, b"yes" if item.atime > 0 else b"no", slab_class(size), size))
         return pos
 
     # -- HTTP: the same items over HTTP/1.1 (README "HTTP") ---------------------
