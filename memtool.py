@@ -2013,8 +2013,8 @@ PDMODES = {None: b"S", b"0": b"S", b"1": b"E", b"2": b"A"}  # Tokyo Tyrant X-TT-
 TEXT_KEY_UNSAFE = re.compile(rb"[\x00-\x20\x7f]")          # bytes a text-protocol key lacks
 SERVER_COUNTERS = (
     "total_connections", "rejected_connections", "cmd_get", "cmd_set", "cmd_flush",
-    "cmd_touch", "cmd_meta", "get_hits", "get_misses", "delete_misses", "delete_hits", "incr_misses",
-    "incr_hits", "decr_misses", "decr_hits", "cas_misses", "cas_hits", "cas_badval",
+    "cmd_touch", "cmd_meta", "get_hits", "get_misses", "delete_misses", "delete_hits",
+    "incr_misses", "incr_hits", "decr_misses", "decr_hits", "cas_misses", "cas_hits", "cas_badval",
     "touch_hits", "touch_misses", "store_too_large", "bytes_read", "bytes_written")
 
 
@@ -2522,7 +2522,8 @@ class ServerConnection(Connection):
         head_end = found.end()
         method, target, minor, headers = parse_http_head(buf[pos:head_end])
         connection = headers.get(b"connection", b"").lower()
-        self.http_close = b"close" in connection or (minor == 0 and b"keep-alive" not in connection)
+        self.http_close = b"close" in connection or (
+            minor == 0 and b"keep-alive" not in connection)
         self.http_keep_alive_10 = minor == 0 and not self.http_close
         key = http_key(target)
         stores = method in (b"PUT", b"POST")
