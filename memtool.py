@@ -385,6 +385,8 @@ def slab_class(ntotal):
 # A command's flags are parsed into a dict in request order, because return
 # flags are echoed in that order.
 META_FLAG_CHARS = frozenset(b"bNTRlOPLkstcfvhuqFCMJDI")  # known to every meta command
+META_PLAIN_FLAGS = frozenset(b"lPLkstcfvhuqI")            # ... of them, those without a value
+MG_SILENT_FLAGS = frozenset(b"bPLvuqFCMJDI")              # nothing for mg to echo or do
 META_TOKENS_MAX = 19        # memcached's MFLAG_MAX_OPT_LENGTH, less its terminal token
 META_OPAQUE_MAX = 32        # bytes of an O token, the O included
 META_TTL_FLAGS = frozenset(b"NTR")      # exptime values (safe_strtol)
@@ -424,6 +426,9 @@ def parse_meta_flags(tokens, start):
         char = token[0]
         if char in flags or char >= 127:
             raise DUPLICATE_FLAG
+        if char in META_PLAIN_FLAGS:
+            flags[char] = True
+            continue
         if char not in META_FLAG_CHARS:
             raise INVALID_FLAG
         value = True
@@ -2268,12 +2273,30 @@ class ServerConnection(Connection):
             if 113 not in flags:                             # q
                 self.write(b" ".join([b"EN"] + echo) + CRLF)
             return pos
-        value = item.value
-        out = [b"VA %d" % len(value) if 118 in flags else b"HD"]
+        nbytes = len(item.rendered) - item.vstart - 2
+        out = [b"VA %d" % nbytes if 118 in flags else b"HD"]
         exptime = item.exptime
         won = touched = opaque_too_long = False
         for char, arg in flags.items():
-            if char == 84:                                   # T: touch
+            if char in MG_SILENT_FLAGS:
+                continue
+            if char == 107:                                  # k
+                out.append(meta_key(key, item.state & KEY_BINARY))
+            elif char == 99:                                 # c
+                out.append(b"c%d" % item.cas)
+            elif char == 102:                                # f
+                out.append(b"f%d" % item.flags)
+            elif char == 116:                                # t
+                out.append(b"t%d" % ((exptime - int(store.now)) & UINT32_MASK)
+                           if exptime else b"t-1")
+            elif char == 115:                                # s
+                out.append(b"s%d" % nbytes)
+            elif char == 79:                                 # O
+                if len(arg) > META_OPAQUE_MAX:
+                    opaque_too_long = True   # memcached finds out here, after T
+                    break
+                out.append(arg)
+            elif char == 84:                                 # T: touch
                 exptime = store.absolute(arg)
                 touched = True
             elif char == 78:                                 # N
@@ -2284,26 +2307,10 @@ class ServerConnection(Connection):
                 if (not item.state & TOKEN_SENT and not created and exptime
                         and exptime < store.absolute(arg)):
                     won = True
-            elif char == 115:                                # s
-                out.append(b"s%d" % len(value))
-            elif char == 116:                                # t
-                out.append(b"t%d" % ((exptime - int(store.now)) & UINT32_MASK)
-                           if exptime else b"t-1")
-            elif char == 99:                                 # c
-                out.append(b"c%d" % item.cas)
-            elif char == 102:                                # f
-                out.append(b"f%d" % item.flags)
             elif char == 108:                                # l
                 out.append(b"l%d" % (int(store.now) - int(abs(item.atime))))
             elif char == 104:                                # h
                 out.append(b"h1" if item.atime > 0 else b"h0")
-            elif char == 79:                                 # O
-                if len(arg) > META_OPAQUE_MAX:
-                    opaque_too_long = True   # memcached finds out here, after T
-                    break
-                out.append(arg)
-            elif char == 107:                                # k
-                out.append(meta_key(key, item.state & KEY_BINARY))
         if opaque_too_long:
             if exptime != item.exptime:
                 store.set_exptime(key, item, exptime)
