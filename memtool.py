@@ -115,6 +115,8 @@ ULOG_KEEP_DEFAULT = 4               # rotated ulog files kept for recovery and p
 
 RECV_BYTES = 65536                  # 128 KiB+ makes glibc mmap/munmap on every recv
 OUTPUT_HIGH_WATER = 4 << 20         # stop reading a client that does not read its replies
+SEND_JOIN_MAX_BYTES = 256 << 10     # a pass's replies up to this are joined into one send
+SEND_CHUNKS_MAX = 512               # buffers per sendmsg() (IOV_MAX is 1024 on Linux)
 SWEEP_INTERVAL_SECONDS = 1.0        # background expiry sweep: one bounded step per interval
 SWEEP_STEP_ITEMS = 500
 UINT32_MASK = 0xFFFFFFFF
@@ -247,12 +249,22 @@ TOO_LARGE = ServerError(b"object too large for cache")
 DELETE_USAGE = ClientError(b"bad command line format.  Usage: delete <key> [noreply]")
 
 
+def _int_digits(digits):
+    """int() of ASCII digits, with more than 20 significant ones (past any 64-bit
+    value, and past Python's limit on int() of long strings) counted as 2**64."""
+    if len(digits) > 20:
+        digits = digits.lstrip(b"0") or b"0"
+        if len(digits) > 20:
+            return 1 << 64
+    return int(digits)
+
+
 def _strto(text):
     """(negative, digits) of a strtol-style number, or None when it is not one."""
     match = _NUMBER.match(text)
     if match is None:
         return None
-    return match.group(1) == b"-", int(match.group(2))
+    return match.group(1) == b"-", _int_digits(match.group(2))
 
 
 def parse_uint64(text):
@@ -262,7 +274,7 @@ def parse_uint64(text):
     negation ('-0' is 0), exactly as memcached checks it.
     """
     if text.isdigit():
-        value = int(text)
+        value = _int_digits(text)
         return value if value <= UINT64_MASK else None
     parsed = _strto(text)
     if parsed is None or parsed[1] > UINT64_MASK:
@@ -278,7 +290,7 @@ def parse_uint64(text):
 def parse_int32(text):
     """strtol into memcached's int32: None on junk or 64-bit overflow, else wrapped."""
     if text.isdigit():
-        value = int(text)
+        value = _int_digits(text)
         if value < 1 << 31:
             return value
     else:
@@ -387,6 +399,7 @@ def slab_class(ntotal):
 META_FLAG_CHARS = frozenset(b"bNTRlOPLkstcfvhuqFCMJDI")  # known to every meta command
 META_PLAIN_FLAGS = frozenset(b"lPLkstcfvhuqI")            # ... of them, those without a value
 MG_SILENT_FLAGS = frozenset(b"bPLvuqFCMJDI")              # nothing for mg to echo or do
+MG_LOCKING_FLAGS = frozenset(b"hlNTR")     # mg delays its LRU bump (memcached's of.locked)
 META_TOKENS_MAX = 19        # memcached's MFLAG_MAX_OPT_LENGTH, less its terminal token
 META_OPAQUE_MAX = 32        # bytes of an O token, the O included
 META_TTL_FLAGS = frozenset(b"NTR")      # exptime values (safe_strtol)
@@ -524,7 +537,8 @@ HTTP_HEAD_END = re.compile(rb"\n\r?\n")
 HTTP_REQUEST_START = re.compile(rb"[A-Z]+ (?:/|[Hh][Tt][Tt][Pp][Ss]?://)")
 HTTP_VERSION = re.compile(rb"HTTP/(\d)\.\d\Z")
 HTTP_CHUNK_SIZE = re.compile(rb"[ \t]*([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\n]*)?\r?\Z")
-HTTP_TRAILER_MAX_BYTES = HTTP_HEAD_MAX_BYTES
+HTTP_CHUNK_LINE_MAX_BYTES = 4096         # a chunk size line with its extensions, a trailer
+CHUNK_FRAMING_SLACK_BYTES = 64 << 10
 
 
 def parse_http_head(head):
@@ -564,52 +578,70 @@ def parse_http_head(head):
     return parts[0], parts[1], int(parts[2][7:8]), headers
 
 
-def parse_chunked(buf, pos, limit):
-    """Decode a chunked body starting at buf[pos]: (end offset, body) or None.
+class ChunkedBody:
+    """A chunked request body (RFC 9112 7.1), decoded as its bytes arrive.
 
-    None means more bytes are needed. limit: the most body bytes accepted.
-    Raises HttpError 400 for bad framing, 413 as soon as the declared chunk
-    sizes pass `limit` (before their data is read).
+    feed() goes on from where the last call stopped, so a body sent in many
+    pieces is parsed once. limit: the most data bytes accepted; the framing
+    (sizes, extensions, trailers) may add up to as much again plus
+    CHUNK_FRAMING_SLACK_BYTES before the body counts as too large.
     """
-    parts = []
-    total = 0
-    while True:
-        eol = buf.find(b"\n", pos)
-        if eol < 0:
-            if len(buf) - pos > 1024:
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.offset = 0          # bytes of the body parsed so far
+        self.wanted = 0          # bytes of the body needed before feed() can go on
+        self.parts = []          # data of the complete chunks
+        self.total = 0           # ... and its size
+        self.in_trailers = False  # the last chunk is in; trailer fields follow
+
+    def feed(self, buf, start):
+        """(end offset in buf, data) once the body is complete, else None.
+
+        start: where the body begins in buf; the bytes up to it must be the
+        same on every call. Raises HttpError 400 for bad framing, 413 when the
+        declared sizes pass the limit (before their data is read) or the
+        framing grows past its allowance, 431 for oversized trailers.
+        """
+        pos = start + self.offset
+        while True:
+            eol = buf.find(b"\n", pos)
+            if eol < 0 or eol - pos > HTTP_CHUNK_LINE_MAX_BYTES:
+                if len(buf) - pos > HTTP_CHUNK_LINE_MAX_BYTES:
+                    raise HttpError(431 if self.in_trailers else 400, b"chunk line too long")
+                break
+            if self.in_trailers:       # trailer fields, up to a blank line; ignored
+                line, pos = buf[pos:eol].rstrip(b"\r"), eol + 1
+                if not line:
+                    return pos, b"".join(self.parts)
+                continue
+            size = HTTP_CHUNK_SIZE.match(buf, pos, eol)
+            if size is None:
                 raise HttpError(400, b"bad chunk size line")
-            return None
-        size = HTTP_CHUNK_SIZE.match(buf, pos, eol)
-        if size is None:
-            raise HttpError(400, b"bad chunk size line")
-        size = int(size.group(1), 16)
-        pos = eol + 1
-        if size == 0:
-            break
-        total += size
-        if total > limit:
+            size = int(size.group(1), 16)
+            if size == 0:
+                self.in_trailers = True
+                pos = eol + 1
+                continue
+            if self.total + size > self.limit:
+                raise HttpError(413)
+            end = eol + 1 + size
+            if len(buf) < end + 2:
+                self.wanted = end + 2 - start
+                break
+            if buf[end:end + 2] == CRLF:
+                after = end + 2
+            elif buf[end:end + 1] == b"\n":
+                after = end + 1
+            else:
+                raise HttpError(400, b"chunk data not followed by CRLF")
+            self.parts.append(buf[eol + 1:end])
+            self.total += size
+            pos = after
+        self.offset = pos - start
+        if self.offset > 2 * self.limit + CHUNK_FRAMING_SLACK_BYTES:
             raise HttpError(413)
-        end = pos + size
-        if len(buf) < end + 1 or (buf[end:end + 1] == b"\r" and len(buf) < end + 2):
-            return None
-        if buf[end:end + 1] == b"\n":
-            after = end + 1
-        elif buf[end:end + 2] == CRLF:
-            after = end + 2
-        else:
-            raise HttpError(400, b"chunk data not followed by CRLF")
-        parts.append(buf[pos:end])
-        pos = after
-    start = pos
-    while True:   # trailer fields, up to a blank line; ignored
-        eol = buf.find(b"\n", pos)
-        if eol < 0 or eol - start > HTTP_TRAILER_MAX_BYTES:
-            if len(buf) - start > HTTP_TRAILER_MAX_BYTES:
-                raise HttpError(431)
-            return None
-        line, pos = buf[pos:eol].rstrip(b"\r"), eol + 1
-        if not line:
-            return pos, b"".join(parts)
+        return None
 
 
 def http_key(target):
@@ -1218,11 +1250,13 @@ class Store:
         if old is None:
             return ST_NOT_FOUND, 0, None
         data = old.value
-        current = parse_uint64(data) if data else None
+        if not data:
+            return ST_NON_NUMERIC, 0, None
+        if cas_unique and cas_unique != old.cas:    # memcached compares cas before parsing
+            return ST_EXISTS, 0, None
+        current = parse_uint64(data)
         if current is None:
             return ST_NON_NUMERIC, 0, None
-        if cas_unique and cas_unique != old.cas:
-            return ST_EXISTS, 0, None
         result = (current + delta) & UINT64_MASK if incr else max(current - delta, 0)
         digits = b"%d" % result
         in_place = len(digits) <= len(data)
@@ -1825,9 +1859,13 @@ class Connection:
     """A non-blocking socket in an EventLoop: buffered replies, one send per pass.
 
     Subclasses implement data_received(data) and may override
-    connection_lost() and sent(nbytes). write() queues bytes; they are sent
-    at the end of the loop pass. When the peer does not read its replies and
-    more than OUTPUT_HIGH_WATER bytes back up, reading stops until they drain.
+    connection_lost() and resume(). write() queues bytes; they are sent at
+    the end of the loop pass, joined into one send, or for a large batch
+    handed to sendmsg() as they are, so queuing a big value many times costs
+    no copies. When the peer does not read its replies and more than
+    OUTPUT_HIGH_WATER bytes back up, reading stops until they drain. A
+    subclass that stopped parsing for the same reason sets `paused`; resume()
+    is then called on a later pass, once the replies have drained.
     """
 
     def __init__(self, loop, sock, addr):
@@ -1836,7 +1874,10 @@ class Connection:
         self.sock = sock             # the connected socket
         self.addr = addr             # peer address, for logs
         self.outbuf = []             # reply chunks queued this pass
-        self.unsent = bytearray()    # bytes the kernel did not take yet
+        self.out_bytes = 0           # ... and their total size
+        self.unsent = collections.deque()  # chunks (or their tails) the kernel did not take
+        self.unsent_bytes = 0        # ... and their total size
+        self.paused = False          # stopped parsing until replies drain (see resume)
         self.queued = False          # in loop.to_flush already
         self.closing = False         # close once everything is sent
         self.closed = False
@@ -1847,11 +1888,13 @@ class Connection:
 
     def write(self, data):
         self.outbuf.append(data)
+        self.out_bytes += len(data)
         if not self.queued:
             self._schedule()
 
     def writelines(self, chunks):
         self.outbuf.extend(chunks)
+        self.out_bytes += sum(map(len, chunks))
         if not self.queued:
             self._schedule()
 
@@ -1866,17 +1909,22 @@ class Connection:
         if self.closed:
             return
         if self.outbuf:
-            data = self.outbuf[0] if len(self.outbuf) == 1 else b"".join(self.outbuf)
-            self.outbuf.clear()
-            if self.unsent:
-                self.unsent += data
-            else:
-                sent = self._send(data)
-                if sent is None:
-                    return
-                if sent == len(data) and not self.closing:
-                    return   # the common case: all sent, still reading
-                self.unsent += memoryview(data)[sent:]
+            chunks, self.outbuf = self.outbuf, []
+            size, self.out_bytes = self.out_bytes, 0
+            if self.unsent or size > SEND_JOIN_MAX_BYTES:
+                self.unsent.extend(chunks)
+                self.unsent_bytes += size
+                self._drain()
+                return
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            sent = self._send(data)
+            if sent is None:
+                return
+            if sent == size and not self.closing and not self.paused:
+                return   # the common case: all sent, still reading
+            if sent < size:
+                self.unsent.append(memoryview(data)[sent:])
+                self.unsent_bytes = size - sent
         self._update_events()
 
     def close_when_sent(self):
@@ -1928,9 +1976,13 @@ class Connection:
         """An unexpected exception while serving this connection: close it."""
         self.close()
 
+    def resume(self):
+        """Replies backed up and drained again; a subclass that paused parses on."""
+
     def _send(self, data):
+        """send() bytes, or sendmsg() a list of chunks; bytes taken, None if closed."""
         try:
-            sent = self.sock.send(data)
+            sent = self.sock.sendmsg(data) if isinstance(data, list) else self.sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
@@ -1940,10 +1992,21 @@ class Connection:
         return sent
 
     def _drain(self):
-        sent = self._send(self.unsent)
+        unsent = self.unsent
+        if len(unsent) == 1:
+            sent = self._send(unsent[0])
+        else:
+            sent = self._send(list(itertools.islice(unsent, SEND_CHUNKS_MAX)))
         if sent is None:
             return
-        del self.unsent[:sent]
+        self.unsent_bytes -= sent
+        while sent:
+            head = unsent[0]
+            if len(head) > sent:
+                unsent[0] = memoryview(head)[sent:]
+                break
+            sent -= len(head)
+            unsent.popleft()
         self._update_events()
 
     def _update_events(self):
@@ -1953,8 +2016,12 @@ class Connection:
         events = 0
         if self.unsent:
             events |= selectors.EVENT_WRITE
-        if len(self.unsent) < OUTPUT_HIGH_WATER and not self.closing:
+        backed_up = self.unsent_bytes >= OUTPUT_HIGH_WATER
+        if not backed_up and not self.closing:
             events |= selectors.EVENT_READ
+            if self.paused:
+                self.paused = False
+                self.loop.call_later(0, self.resume)
         if events != self.events:
             self.events = events
             self.loop.selector.modify(self.sock, events, self._on_event)
@@ -2038,6 +2105,7 @@ class ServerConnection(Connection):
         self.http_close = False      # HTTP: close after the reply being built
         self.http_keep_alive_10 = False  # HTTP/1.0 request that asked for keep-alive
         self.http_continued = False  # HTTP: 100 Continue sent for the pending request
+        self.http_chunked = None     # HTTP: the ChunkedBody of the pending request
 
     def data_received(self, data):
         if self.swallow:
@@ -2059,6 +2127,8 @@ class ServerConnection(Connection):
         pos, end = 0, len(buf)
         handlers = HANDLERS
         while pos < end and not self.closing:
+            if self.out_bytes > OUTPUT_HIGH_WATER:
+                return self._pause(pos)
             eol = buf.find(b"\n", pos)
             if eol < 0:
                 waiting = end - pos
@@ -2095,6 +2165,18 @@ class ServerConnection(Connection):
     def reply(self, line):
         if not self.noreply:
             self.write(line)
+
+    def _pause(self, pos):
+        """Replies to this read pass the high-water mark: keep the rest of the
+        commands unparsed until they drain (memory stays bounded by what the
+        client claims to want, not by what it sends)."""
+        self.paused = True
+        self.need = 0
+        return pos
+
+    def resume(self):
+        if not self.closed:
+            self.data_received(b"")
 
     def connection_lost(self):
         self.server.connections.discard(self)
@@ -2314,6 +2396,8 @@ class ServerConnection(Connection):
         if opaque_too_long:
             if exptime != item.exptime:
                 store.set_exptime(key, item, exptime)
+            if not flags.keys() & MG_LOCKING_FLAGS and 117 not in flags:
+                store.fetched(key, item)   # memcached bumped it before looking at O
             raise OPAQUE_TOO_LONG
         if item.state & TOKEN_SENT:
             out.append(b"Z")
@@ -2505,6 +2589,8 @@ class ServerConnection(Connection):
         pos, end = 0, len(buf)
         self.need = 0
         while pos < end and not self.closing:
+            if self.out_bytes > OUTPUT_HIGH_WATER:
+                return self._pause(pos)
             try:
                 after = self._http_request(buf, pos)
             except HttpError as err:
@@ -2536,8 +2622,8 @@ class ServerConnection(Connection):
         stores = method in (b"PUT", b"POST")
         limit = self.server.item_size_max
         if stores and key:
-            flags = headers.get(b"x-memtool-flags", b"")
-            limit -= item_total_size(key, int(flags) if flags.isdigit() else 0, 0)
+            has_flags = headers.get(b"x-memtool-flags", b"0").strip(b"0") != b""
+            limit -= item_total_size(key, has_flags, 0)
         chunked = headers.get(b"transfer-encoding")
         length = headers.get(b"content-length")
         body = b""
@@ -2546,9 +2632,12 @@ class ServerConnection(Connection):
                 raise HttpError(400, b"both Content-Length and Transfer-Encoding")
             if chunked.lower() != b"chunked":
                 raise HttpError(501)
-            parsed = parse_chunked(buf, head_end, limit)
+            if self.http_chunked is None:
+                self.http_chunked = ChunkedBody(limit)
+            parsed = self.http_chunked.feed(buf, head_end)
             if parsed is None:
                 self._http_continue(headers, minor)
+                self.need = max(head_end + self.http_chunked.wanted - pos, 0)
                 return None
             end, body = parsed
         else:
@@ -2566,6 +2655,7 @@ class ServerConnection(Connection):
                     return None
                 body = buf[head_end:end]
         self.http_continued = False
+        self.http_chunked = None
         self._http_answer(method, key, headers, body)
         if self.http_close:
             self.close_when_sent()
@@ -2625,7 +2715,7 @@ class ServerConnection(Connection):
     def _http_put(self, key, headers, body):
         """PUT/POST: set, or add/append by X-TT-PDMODE, or cas by If-Match."""
         flags = headers.get(b"x-memtool-flags", b"0")
-        if not flags.isdigit() or int(flags) > UINT32_MASK:
+        if not flags.isdigit() or len(flags) > 10 or int(flags) > UINT32_MASK:
             return self._http_reply(400, detail=b"bad X-Memtool-Flags")
         flags = int(flags)
         exptime = headers.get(b"x-memtool-exptime", b"0")

@@ -62,6 +62,8 @@ K250 = b"k" * 250
 K251 = b"k" * 251
 BIG = max_value_len(3)            # largest value for a 3-byte key at -I 1m
 LONG_KEYS = b" ".join(b"key%04d" % i for i in range(400))
+DIGITS = b"7" * 5000             # past Python's int() limit of 4300 digits
+ZEROS = b"0" * 4999 + b"9"        # the same length, but only one significant digit
 
 SCRIPTS = {
     "storage_commands": [
@@ -246,6 +248,13 @@ SCRIPTS = {
     "long_gat_in_pieces_closes": [Close(b"gat 0 " + LONG_KEYS)],
     "long_get_after_many_spaces_closes": [Close(b" " * 150 + b"get " + LONG_KEYS)],
     "get_of_http_token": [b"get HTTP/1.1\r\n"],
+    "numbers_past_any_int": [
+        b"set k 0 0 " + DIGITS + b"\r\n", b"set k " + DIGITS + b" 0 1\r\nx\r\n",
+        b"set k 0 " + DIGITS + b" 1\r\nx\r\n", b"set k 0 0 1\r\nx\r\n", b"touch k " + DIGITS + b"\r\n",
+        b"incr k " + DIGITS + b"\r\n", b"gat " + DIGITS + b" k\r\n", b"verbosity " + DIGITS + b"\r\n",
+        b"set n 0 0 %d\r\n%s\r\n" % (len(DIGITS), DIGITS), b"incr n 1\r\n", b"decr n 1\r\n",
+        b"set z 0 0 %d\r\n%s\r\n" % (len(ZEROS), ZEROS), b"incr z " + ZEROS + b"\r\n", b"get z\r\n",
+    ],
     "quit_closes": [b"set a 0 0 1\r\nx\r\n", Close(b"get a\r\nquit\r\nget a\r\n")],
     "quit_with_args_closes": [Close(b"quit now please\r\n")],
 }

@@ -400,6 +400,38 @@ def test_chunked_over_limit_is_413(server, kp):
         s.expect_closed()
 
 
+def test_many_tiny_chunks_in_many_writes(http, kp):
+    """50,000 one-byte chunks, sent in 64 KB writes, are decoded as they arrive
+    (not re-parsed from the start on every read) and stored whole."""
+    k = kp + b"tiny"
+    data = bytes(range(256)) * 195 + b"!" * 80
+    body = b"".join(b"1\r\n%s\r\n" % data[i:i + 1] for i in range(len(data))) + b"0\r\n\r\n"
+    request = b"PUT /%s HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" % k + body
+    for i in range(0, len(request), 65536):
+        http.send(request[i:i + 65536])
+    assert CREATED_RE.fullmatch(read_reply(http))
+    assert ITEM_RE.fullmatch(call(http, req(b"GET", b"/" + k))).group(5) == data
+
+
+@pytest.mark.parametrize("line,code", [(b"1;" + b"e" * 5000, 400), (b"1;" + b"e" * 1000, 413)],
+                         ids=["one-long-size-line", "framing-past-allowance"])
+def test_chunk_framing_is_bounded(server, kp, line, code):
+    """A chunk size line over 4 KB is refused (400); extensions that pile up past twice
+    -I of framing make the body too large (413). Either way the connection closes."""
+    with server.session() as s:
+        s.send(b"PUT /%sk HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" % kp)
+        try:
+            for _ in range(2200):
+                s.send(line + b"\r\nX\r\n")
+        except OSError:
+            pass   # the server closed while we were still sending
+        answer = s.read_to_eof()
+    if code == 400:
+        assert BAD_RE.match(answer) and CLOSE in answer, answer[:200]
+    else:
+        assert answer == reply(413, CLOSE), answer[:200]
+
+
 def test_expect_100_continue(http, kp):
     """Expect: 100-continue gets the exact interim reply before the body is sent, then 201;
     when the length is already too large only the 413 comes, and the connection closes."""

@@ -78,6 +78,8 @@ B64_252 = b"QUJD" * 63            # over the 250 limit before decoding
 BIG = max_value_len(3)            # largest value for a 3-byte key at -I 1m
 O32 = b"O" + b"o" * 31            # longest opaque token: 32 characters with the O
 O33 = b"O" + b"o" * 32
+DIGITS = b"7" * 5000             # past Python's int() limit of 4300 digits
+ZEROS = b"0" * 4999 + b"9"        # the same length, but only one significant digit
 MG_FLAGS_17 = b"c f h k l s t v O1 P L I D1 J1 F1 C1 MS"        # mg k + 17 = 20 tokens
 MS_FLAGS_16 = b"c k O1 F1 T0 I P L MS D1 J1 f s t v h"          # ms k 1 + 16 = 20 tokens
 MD_FLAGS_17 = b"k O1 T0 I P L MS D1 J1 F1 C1 f s t v h u"
@@ -235,6 +237,19 @@ SCRIPTS = {
         b"ma nn N0 J3 " + O33 + b"\r\n", b"mg nn v\r\n", b"ms t 1 T100\r\nx\r\n",
         b"mg t T300 " + O33 + b"\r\n", b"mg t t\r\n", b"md t " + O33 + b"\r\n", b"mg t t\r\n",
         b"ms t 1 " + O33 + b"\r\nx\r\n", b"mg t v\r\n",
+        # an unlocked mg is a fetch before its opaque is looked at; with h it is not
+        b"ms f 1\r\nx\r\n", b"mg f " + O33 + b"\r\n", b"me f\r\n", b"ms g 1\r\nx\r\n",
+        b"mg g h " + O33 + b"\r\n", b"me g\r\n",
+    ],
+    "numbers_past_any_int": [   # thousands of digits: refused like any overflow
+        b"mg k T" + DIGITS + b"\r\n", b"mg k N" + DIGITS + b"\r\n", b"md k C" + DIGITS + b"\r\n",
+        b"ma k D" + DIGITS + b"\r\n", b"ms k " + DIGITS + b"\r\n",
+        b"ms k 1 F" + DIGITS + b"\r\nx\r\n", b"ms n %d\r\n%s\r\n" % (len(DIGITS), DIGITS),
+        b"ma n\r\n", b"incr n 1\r\n", b"mg n s\r\n", b"ms z %d\r\n%s\r\n" % (len(ZEROS), ZEROS),
+        b"ma z v\r\n", b"ma z v D" + ZEROS + b"\r\n",
+    ],
+    "ma_compares_cas_before_parsing": [
+        b"ms s 3\r\nabc\r\n", b"ma s C999\r\n", b"ma s\r\n", b"ms e 0\r\n\r\n", b"ma e C999\r\n",
     ],
     "meta_debug": [
         b"me a\r\n", b"ms a 3\r\nabc\r\n", b"me a\r\n", b"mg a\r\n", b"me a\r\n",

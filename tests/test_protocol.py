@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from support import DEFAULT_ITEM_MAX, STOP_TIMEOUT, max_value_len, rss_peak_kib, wait_for
+from support import (DEFAULT_ITEM_MAX, STOP_TIMEOUT, MemtoolServer, max_value_len,
+                     rss_peak_kib, wait_for)
 
 BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
 BAD_CHUNK = b"CLIENT_ERROR bad data chunk\r\n"
@@ -656,6 +657,36 @@ def test_huge_claimed_length_is_swallowed_not_allocated(server_factory):
         s.call(b"get k\r\n", value_reply(b"k", 0, b"new"))
     grown_mib = (rss_peak_kib(srv.proc.pid) - before) / 1024
     assert grown_mib < 100, "server grew by %.0f MiB for a refused value" % grown_mib
+
+
+@pytest.mark.memtool_only
+@pytest.mark.parametrize("protocol", ["text", "meta", "multiget"])
+def test_unread_replies_neither_grow_memory_nor_stall_others(tmp_path, protocol):
+    """A client pipelines 400 MB of replies in a few KB and does not read them: the
+    server's memory stays flat, other clients are served, and every byte still
+    arrives once the client reads. (Output handling is engine-independent.)"""
+    value = b"v" * 1000000
+    count = 400
+    request, block = {
+        "text": (b"get big\n" * count, b"VALUE big 0 1000000\r\n%s\r\nEND\r\n" % value),
+        "meta": (b"mg big v\r\n" * count, b"VA 1000000\r\n%s\r\n" % value),
+        "multiget": (b"get" + b" big" * count + b"\r\n", b"VALUE big 0 1000000\r\n%s\r\n" % value),
+    }[protocol]
+    with MemtoolServer(tmp_path, engine="memory") as srv:
+        srv.start()
+        with srv.session(timeout=30) as s, srv.session() as other:
+            s.set(b"big", value)
+            before = rss_peak_kib(srv.proc.pid)
+            s.send(request)
+            other.sync()
+            other.sync()
+            grown_mib = (rss_peak_kib(srv.proc.pid) - before) / 1024
+            assert grown_mib < 64, "server grew by %.0f MiB for unread replies" % grown_mib
+            for _ in range(count):
+                s.expect(block)
+            if protocol == "multiget":
+                s.expect(b"END\r\n")
+            s.sync()
 
 
 # --------------------------------------------------------------------------- expiry
