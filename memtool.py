@@ -116,6 +116,7 @@ ULOG_KEEP_DEFAULT = 4               # rotated ulog files kept for recovery and p
 RECV_BYTES = 65536                  # 128 KiB+ makes glibc mmap/munmap on every recv
 OUTPUT_HIGH_WATER = 4 << 20         # stop reading a client that does not read its replies
 SEND_JOIN_MAX_BYTES = 256 << 10     # a pass's replies up to this are joined into one send
+OUTPUT_CHECK_CHUNKS = 64            # parsers weigh queued replies every this many chunks
 SEND_CHUNKS_MAX = 512               # buffers per sendmsg() (IOV_MAX is 1024 on Linux)
 SWEEP_INTERVAL_SECONDS = 1.0        # background expiry sweep: one bounded step per interval
 SWEEP_STEP_ITEMS = 500
@@ -1874,7 +1875,7 @@ class Connection:
         self.sock = sock             # the connected socket
         self.addr = addr             # peer address, for logs
         self.outbuf = []             # reply chunks queued this pass
-        self.out_bytes = 0           # ... and their total size
+        self.check_at = OUTPUT_CHECK_CHUNKS  # backed_up() sums outbuf past this many chunks
         self.unsent = collections.deque()  # chunks (or their tails) the kernel did not take
         self.unsent_bytes = 0        # ... and their total size
         self.paused = False          # stopped parsing until replies drain (see resume)
@@ -1888,15 +1889,22 @@ class Connection:
 
     def write(self, data):
         self.outbuf.append(data)
-        self.out_bytes += len(data)
         if not self.queued:
             self._schedule()
 
     def writelines(self, chunks):
         self.outbuf.extend(chunks)
-        self.out_bytes += sum(map(len, chunks))
         if not self.queued:
             self._schedule()
+
+    def backed_up(self):
+        """Do the replies queued this pass and those unsent pass OUTPUT_HIGH_WATER?
+
+        Sums sizes only once per OUTPUT_CHECK_CHUNKS new chunks, so a parser
+        can ask before every command: `len(outbuf) > check_at and backed_up()`.
+        """
+        self.check_at = len(self.outbuf) + OUTPUT_CHECK_CHUNKS
+        return sum(map(len, self.outbuf)) + self.unsent_bytes > OUTPUT_HIGH_WATER
 
     def _schedule(self):
         """Have flush() called at the end of this loop pass."""
@@ -1908,23 +1916,30 @@ class Connection:
         self.queued = False
         if self.closed:
             return
-        if self.outbuf:
-            chunks, self.outbuf = self.outbuf, []
-            size, self.out_bytes = self.out_bytes, 0
-            if self.unsent or size > SEND_JOIN_MAX_BYTES:
-                self.unsent.extend(chunks)
-                self.unsent_bytes += size
+        outbuf = self.outbuf
+        if outbuf:
+            if len(outbuf) > OUTPUT_CHECK_CHUNKS:
+                self.check_at = OUTPUT_CHECK_CHUNKS
+            # One reply (or one value and END) is sent as it is or joined; more
+            # are joined only while small, else handed over without copies.
+            if self.unsent or (len(outbuf) > 2
+                               and sum(map(len, outbuf)) > SEND_JOIN_MAX_BYTES):
+                self.unsent.extend(outbuf)
+                self.unsent_bytes += sum(map(len, outbuf))
+                outbuf.clear()
                 self._drain()
                 return
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            data = outbuf[0] if len(outbuf) == 1 else b"".join(outbuf)
+            outbuf.clear()
             sent = self._send(data)
-            if sent is None:
+            if sent == len(data):
+                if not (self.closing or self.paused):
+                    return   # the common case: all sent, still reading
+            elif sent is None:
                 return
-            if sent == size and not self.closing and not self.paused:
-                return   # the common case: all sent, still reading
-            if sent < size:
+            else:
                 self.unsent.append(memoryview(data)[sent:])
-                self.unsent_bytes = size - sent
+                self.unsent_bytes = len(data) - sent
         self._update_events()
 
     def close_when_sent(self):
@@ -1979,10 +1994,11 @@ class Connection:
     def resume(self):
         """Replies backed up and drained again; a subclass that paused parses on."""
 
-    def _send(self, data):
-        """send() bytes, or sendmsg() a list of chunks; bytes taken, None if closed."""
+    def _send(self, data, many=False):
+        """sock.send(data), or sock.sendmsg(data) for a list of chunks (many):
+        the bytes taken, or None when the connection closed."""
         try:
-            sent = self.sock.sendmsg(data) if isinstance(data, list) else self.sock.send(data)
+            sent = self.sock.sendmsg(data) if many else self.sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
@@ -1996,7 +2012,7 @@ class Connection:
         if len(unsent) == 1:
             sent = self._send(unsent[0])
         else:
-            sent = self._send(list(itertools.islice(unsent, SEND_CHUNKS_MAX)))
+            sent = self._send(list(itertools.islice(unsent, SEND_CHUNKS_MAX)), True)
         if sent is None:
             return
         self.unsent_bytes -= sent
@@ -2127,7 +2143,7 @@ class ServerConnection(Connection):
         pos, end = 0, len(buf)
         handlers = HANDLERS
         while pos < end and not self.closing:
-            if self.out_bytes > OUTPUT_HIGH_WATER:
+            if len(self.outbuf) > self.check_at and self.backed_up():
                 return self._pause(pos)
             eol = buf.find(b"\n", pos)
             if eol < 0:
@@ -2589,7 +2605,7 @@ class ServerConnection(Connection):
         pos, end = 0, len(buf)
         self.need = 0
         while pos < end and not self.closing:
-            if self.out_bytes > OUTPUT_HIGH_WATER:
+            if len(self.outbuf) > self.check_at and self.backed_up():
                 return self._pause(pos)
             try:
                 after = self._http_request(buf, pos)
