@@ -2142,9 +2142,12 @@ class ServerConnection(Connection):
         """Handle every complete command in buf; return the offset of the rest."""
         pos, end = 0, len(buf)
         handlers = HANDLERS
+        outbuf, check_at = self.outbuf, self.check_at
         while pos < end and not self.closing:
-            if len(self.outbuf) > self.check_at and self.backed_up():
-                return self._pause(pos)
+            if len(outbuf) > check_at:
+                if self.backed_up():
+                    return self._pause(pos)
+                check_at = self.check_at
             eol = buf.find(b"\n", pos)
             if eol < 0:
                 waiting = end - pos
