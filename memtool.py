@@ -413,6 +413,8 @@ BAD_TOKEN = META_U64_FLAGS[ord("C")]
 BAD_M_LENGTH = ClientError(b"incorrect length for M token")
 BAD_KEY_ENCODING = ClientError(b"error decoding key")
 OPAQUE_TOO_LONG = ClientError(b"opaque token too long")
+META_FLAG_SETS_KEPT = 4096  # parsed flag sets remembered (opaques make most of them unique)
+_PARSED_META_FLAGS = {}     # tuple of flag tokens -> their flags dict
 MG_TOO_LONG = ClientError(b"options flags are too long")
 META_TOO_LONG = ClientError(b"options flags too long")      # ms, md, ma word it so
 INVALID_OR_DUPLICATE_FLAG = ClientError(b"invalid or duplicate flag")
@@ -428,12 +430,19 @@ def parse_meta_flags(tokens, start):
 
     flags maps each flag's character code to its value: an int for N T R
     (raw exptime) C F J D, the mode byte for M, the token itself for O, and
-    True for the rest. With `b` the key is base64-decoded. Raises ClientError
-    as memcached does: an unknown or repeated flag at once, any other bad
-    flag after the scan, the last one winning (a bad F keeps the message
-    before it, or `bad command line format`).
+    True for the rest. It may be shared with other commands that sent the
+    same flags, so it must not be changed. With `b` the key is
+    base64-decoded. Raises ClientError as memcached does: an unknown or
+    repeated flag at once, any other bad flag after the scan, the last one
+    winning (a bad F keeps the message before it, or `bad command line
+    format`).
     """
     key = tokens[1]
+    # Clients send the same few flag sets over and over: parse each once.
+    flag_tokens = tuple(tokens[start:])
+    flags = _PARSED_META_FLAGS.get(flag_tokens)
+    if flags is not None:
+        return key, flags
     flags = {}
     error = None
     for token in tokens[start:]:
@@ -471,6 +480,10 @@ def parse_meta_flags(tokens, start):
         flags[char] = value
     if error is not None:
         raise error
+    if 98 not in flags:              # with b the key depends on more than the flags
+        if len(_PARSED_META_FLAGS) >= META_FLAG_SETS_KEPT:
+            _PARSED_META_FLAGS.clear()
+        _PARSED_META_FLAGS[flag_tokens] = flags
     return key, flags
 
 
