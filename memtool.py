@@ -2732,14 +2732,20 @@ class ServerConnection(Connection):
         return self._http_reply(200, memoryview(item.rendered)[item.vstart:-2],
                                 b"application/octet-stream", extra, head_only)
 
-    def _http_delete(self, key, headers):
-        cas_unique = None
+    def _http_precondition(self, key, headers):
+        """(passes, cas unique to require or None) for the request's If-Match."""
         condition = headers.get(b"if-match")
-        if condition is not None:
-            item = self.store.get(key, False)
-            if not if_match(condition, item and item.cas):
-                return self._http_reply(412)
-            cas_unique = item.cas
+        if condition is None:
+            return True, None
+        item = self.store.get(key, False)
+        if not if_match(condition, item and item.cas):
+            return False, None
+        return True, item.cas
+
+    def _http_delete(self, key, headers):
+        passes, cas_unique = self._http_precondition(key, headers)
+        if not passes:
+            return self._http_reply(412)
         status = self.store.delete(key, cas_unique)
         self.stats["delete_hits" if status == ST_DELETED else "delete_misses"] += 1
         return self._http_reply(200 if status == ST_DELETED else 404)
@@ -2760,13 +2766,9 @@ class ServerConnection(Connection):
         if not item_size_ok(key, flags, len(body), self.server.item_size_max):
             self.stats["store_too_large"] += 1
             return self._http_reply(413)
-        cas_unique = None
-        condition = headers.get(b"if-match")
-        if condition is not None:
-            item = self.store.get(key, False)
-            if not if_match(condition, item and item.cas):
-                return self._http_reply(412)
-            cas_unique = item.cas
+        passes, cas_unique = self._http_precondition(key, headers)
+        if not passes:
+            return self._http_reply(412)
         if mode == b"A" and self.store.get(key, False) is None:
             mode = b"S"                        # Tokyo Tyrant's concat creates the record
         state = KEY_BINARY if TEXT_KEY_UNSAFE.search(key) else 0
