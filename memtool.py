@@ -42,8 +42,8 @@ File formats (under ``--data``):
 
     store.sqlite3   SQLite, the table of Python 3.13's dbm.sqlite3:
                     Dict(key BLOB UNIQUE NOT NULL, value BLOB NOT NULL);
-                    value = <flags u32><exptime i64><cas u64><state u8>
-                    little-endian + data
+                    value = <flags u32><exptime i64><cas u64> little-endian + data
+                    (the cas field's top 2 bits: the item's stale/base64-key state)
     store.<engine>  the same key/value pairs in a dbm.gnu/ndbm/dumb file
     ulog/*.ulog     the update log; record format in section 6
 
@@ -515,10 +515,11 @@ def meta_key(key, binary):
     return b"k" + key
 
 
-def meta_echo(flags, key, binary):
-    """The O and k return flags, in request order (every meta reply carries them).
+def meta_echo(flags, key, binary, cas=None):
+    """The O and k return flags (and c, when `cas` is given), in request order.
 
-    Raises OPAQUE_TOO_LONG for an O token over META_OPAQUE_MAX bytes.
+    Every meta reply carries them. Raises OPAQUE_TOO_LONG for an O token
+    over META_OPAQUE_MAX bytes.
     """
     out = []
     for char, arg in flags.items():
@@ -528,14 +529,14 @@ def meta_echo(flags, key, binary):
             out.append(arg)
         elif char == 107:
             out.append(meta_key(key, binary))
+        elif char == 99 and cas is not None:
+            out.append(b"c%d" % cas)
     return out
 
 
-def check_opaque(flags):
-    """Raise OPAQUE_TOO_LONG for an O token over META_OPAQUE_MAX bytes."""
-    opaque = flags.get(79)
-    if opaque is not None and len(opaque) > META_OPAQUE_MAX:
-        raise OPAQUE_TOO_LONG
+def meta_ttl(exptime, now):
+    """The `t` return flag: seconds left (as memcached's unsigned 32-bit sum), -1 = never."""
+    return b"t%d" % ((exptime - int(now)) & UINT32_MASK) if exptime else b"t-1"
 
 
 def encode_stats(pairs):
@@ -548,6 +549,7 @@ def encode_stats(pairs):
 # HTTP/1.1 requests (RFC 9112), as far as a key-value store needs them: the
 # head, a Content-Length or chunked body, keys from the path.
 HTTP_HEAD_END = re.compile(rb"\n\r?\n")
+HTTP_BLANK_LINES = re.compile(rb"[\r\n]*")
 HTTP_REQUEST_START = re.compile(rb"[A-Z]+ (?:/|[Hh][Tt][Tt][Pp][Ss]?://)")
 HTTP_VERSION = re.compile(rb"HTTP/(\d)\.\d\Z")
 HTTP_CHUNK_SIZE = re.compile(rb"[ \t]*([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\n]*)?\r?\Z")
@@ -567,8 +569,6 @@ def parse_http_head(head):
     parts = lines[0].rstrip(b"\r").split(b" ")
     version = HTTP_VERSION.match(parts[-1]) if len(parts) == 3 else None
     if version is None or not parts[0] or not parts[1]:
-        if parts[-1].startswith(b"HTTP/") and len(parts) == 3 and parts[0] and parts[1]:
-            raise HttpError(505)
         raise HttpError(400, b"malformed request line")
     if version.group(1) != b"1":
         raise HttpError(505)
@@ -595,39 +595,48 @@ def parse_http_head(head):
 class ChunkedBody:
     """A chunked request body (RFC 9112 7.1), decoded as its bytes arrive.
 
-    feed() goes on from where the last call stopped, so a body sent in many
-    pieces is parsed once. limit: the most data bytes accepted; the framing
-    (sizes, extensions, trailers) may add up to as much again plus
-    CHUNK_FRAMING_SLACK_BYTES before the body counts as too large.
+    feed() takes what is complete and says how far it used the buffer, so
+    the caller drops those bytes and each byte is parsed once. limit: the
+    most data bytes accepted; the framing (sizes, extensions, trailers) may
+    add up to as much again plus CHUNK_FRAMING_SLACK_BYTES.
     """
 
     def __init__(self, limit):
         self.limit = limit
-        self.offset = 0          # bytes of the body parsed so far
-        self.wanted = 0          # bytes of the body needed before feed() can go on
         self.parts = []          # data of the complete chunks
         self.total = 0           # ... and its size
+        self.framed = 0          # bytes of the body used so far, framing included
         self.in_trailers = False  # the last chunk is in; trailer fields follow
+        self.done = False        # the body and its trailers are complete
+        self.wanted = 0          # bytes past feed()'s offset needed before it can go on
 
-    def feed(self, buf, start):
-        """(end offset in buf, data) once the body is complete, else None.
+    def feed(self, buf, pos):
+        """Decode the complete parts of buf[pos:]; the offset up to which it used buf.
 
-        start: where the body begins in buf; the bytes up to it must be the
-        same on every call. Raises HttpError 400 for bad framing, 413 when the
-        declared sizes pass the limit (before their data is read) or the
-        framing grows past its allowance, 431 for oversized trailers.
+        Sets `done` at the end of the body (data: `parts`). Raises HttpError
+        400 for bad framing, 413 when the declared sizes pass the limit
+        (before their data is read) or the framing passes its allowance, 431
+        for an oversized trailer line.
         """
-        pos = start + self.offset
+        end = self._decode(buf, pos)
+        self.framed += end - pos
+        if self.framed > 2 * self.limit + CHUNK_FRAMING_SLACK_BYTES:
+            raise HttpError(413)
+        return end
+
+    def _decode(self, buf, pos):
         while True:
-            eol = buf.find(b"\n", pos)
-            if eol < 0 or eol - pos > HTTP_CHUNK_LINE_MAX_BYTES:
+            eol = buf.find(b"\n", pos, pos + HTTP_CHUNK_LINE_MAX_BYTES + 1)
+            if eol < 0:
                 if len(buf) - pos > HTTP_CHUNK_LINE_MAX_BYTES:
                     raise HttpError(431 if self.in_trailers else 400, b"chunk line too long")
-                break
+                self.wanted = len(buf) - pos + 1
+                return pos
             if self.in_trailers:       # trailer fields, up to a blank line; ignored
                 line, pos = buf[pos:eol].rstrip(b"\r"), eol + 1
                 if not line:
-                    return pos, b"".join(self.parts)
+                    self.done = True
+                    return pos
                 continue
             size = HTTP_CHUNK_SIZE.match(buf, pos, eol)
             if size is None:
@@ -640,22 +649,19 @@ class ChunkedBody:
             if self.total + size > self.limit:
                 raise HttpError(413)
             end = eol + 1 + size
-            if len(buf) < end + 2:
-                self.wanted = end + 2 - start
-                break
-            if buf[end:end + 2] == CRLF:
+            tail = buf[end:end + 2]
+            if tail == CRLF:
                 after = end + 2
-            elif buf[end:end + 1] == b"\n":
+            elif tail[:1] == b"\n":
                 after = end + 1
+            elif tail in (b"", b"\r"):         # the data has not all arrived
+                self.wanted = end + 2 - pos
+                return pos
             else:
                 raise HttpError(400, b"chunk data not followed by CRLF")
             self.parts.append(buf[eol + 1:end])
             self.total += size
             pos = after
-        self.offset = pos - start
-        if self.offset > 2 * self.limit + CHUNK_FRAMING_SLACK_BYTES:
-            raise HttpError(413)
-        return None
 
 
 def http_key(target):
@@ -908,7 +914,9 @@ KEY_BINARY = 2          # the key arrived base64 (`b`) or is not a text key: ech
 TOKEN_SENT = 4          # a client holds the recache token (mg shows Z, not W)
 PERSISTED_STATE = STALE | KEY_BINARY   # the bits kept on disk and in the ulog
 
-RECORD_HEADER = struct.Struct("<IqQB")  # flags, exptime, cas unique, state: before the data
+RECORD_HEADER = struct.Struct("<IqQ")   # flags, exptime, cas unique: before the data
+RECORD_STATE_SHIFT = 62                 # the stored cas field's top bits hold PERSISTED_STATE:
+RECORD_CAS_MASK = (1 << RECORD_STATE_SHIFT) - 1   # cas uniques never get near 2**62
 META_KEY = b"memtool:meta:" + b"." * KEY_MAX_LENGTH  # longer than any client key
 CACHE_ITEM_OVERHEAD = 120               # rough bytes of Python objects per cached item
 ABSENT = False                          # cache entry: the engine has no such key
@@ -946,20 +954,23 @@ class Item:
     def value(self):
         return self.rendered[self.vstart:-2]
 
-    def render_with_cas(self):
-        """The `gets` block: the `get` block with the cas unique in its header."""
-        return b"%b %d\r\n%b" % (self.rendered[:self.vstart - 2], self.cas,
-                                 self.rendered[self.vstart:])
+    def gets_block(self):
+        """The `gets` block as (header with the cas unique, data): the data is not copied."""
+        return (b"%b %d\r\n" % (self.rendered[:self.vstart - 2], self.cas),
+                memoryview(self.rendered)[self.vstart:])
 
     def record(self):
-        """The bytes stored on disk: RECORD_HEADER then the data."""
-        return RECORD_HEADER.pack(self.flags, self.exptime, self.cas,
-                                  self.state & PERSISTED_STATE) + self.value
+        """The bytes stored on disk: RECORD_HEADER, with the state in the cas field's
+        top bits, then the data."""
+        return RECORD_HEADER.pack(
+            self.flags, self.exptime,
+            self.cas | (self.state & PERSISTED_STATE) << RECORD_STATE_SHIFT) + self.value
 
     @classmethod
     def from_record(cls, key, record):
-        flags, exptime, cas, state = RECORD_HEADER.unpack_from(record)
-        return cls(key, flags, exptime, cas, record[RECORD_HEADER.size:], state)
+        flags, exptime, cas = RECORD_HEADER.unpack_from(record)
+        return cls(key, flags, exptime, cas & RECORD_CAS_MASK, record[RECORD_HEADER.size:],
+                   cas >> RECORD_STATE_SHIFT)
 
 
 class SqliteEngine:
@@ -1349,7 +1360,8 @@ class Store:
         for key, header in rows:
             if len(key) > KEY_MAX_LENGTH or key in self.pending:
                 continue   # the meta record, or a key whose disk row is out of date
-            flags, exptime, cas, state = RECORD_HEADER.unpack(header)
+            _, exptime, cas = RECORD_HEADER.unpack(header)
+            cas &= RECORD_CAS_MASK
             if (exptime and exptime <= self.now) or cas < self.flush_cas:
                 self._remove(key, len(key) + self.engine.size(key))
                 reaped += 1
@@ -1917,7 +1929,7 @@ class Connection:
         can ask before every command: `len(outbuf) > check_at and backed_up()`.
         """
         self.check_at = len(self.outbuf) + OUTPUT_CHECK_CHUNKS
-        return sum(map(len, self.outbuf)) + self.unsent_bytes > OUTPUT_HIGH_WATER
+        return sum(map(len, self.outbuf)) + self.unsent_bytes >= OUTPUT_HIGH_WATER
 
     def _schedule(self):
         """Have flush() called at the end of this loop pass."""
@@ -1925,7 +1937,8 @@ class Connection:
         self.loop.to_flush.append(self)
 
     def flush(self):
-        """Send what write() queued, with one send(); keep the rest for EVENT_WRITE."""
+        """Send what write() queued, with one send() (or one sendmsg() for a large
+        batch); keep what the kernel did not take for EVENT_WRITE."""
         self.queued = False
         if self.closed:
             return
@@ -1952,11 +1965,11 @@ class Connection:
                 return
             else:
                 self.unsent.append(memoryview(data)[sent:])
-                self.unsent_bytes = len(data) - sent
+                self.unsent_bytes += len(data) - sent
         self._update_events()
 
     def close_when_sent(self):
-        """Close after the queued replies are sent (quit, shutdown)."""
+        """Close after the queued replies are sent (quit, shutdown, HTTP close)."""
         self.closing = True
         if not self.queued:
             self._schedule()
@@ -2100,6 +2113,7 @@ UNKNOWN = UnknownCommand()
 STATUS_LINES = {ST_STORED: STORED, ST_NOT_STORED: NOT_STORED, ST_EXISTS: EXISTS,
                 ST_NOT_FOUND: NOT_FOUND, ST_DELETED: DELETED}
 META_STATUS = {ST_STORED: b"HD", ST_NOT_STORED: b"NS", ST_EXISTS: b"EX", ST_NOT_FOUND: b"NF"}
+CAS_COUNTERS = {ST_STORED: "cas_hits", ST_EXISTS: "cas_badval", ST_NOT_FOUND: "cas_misses"}
 HTTP_REASONS = {100: b"Continue", 200: b"OK", 201: b"Created", 400: b"Bad Request",
                 404: b"Not Found", 405: b"Method Not Allowed", 409: b"Conflict",
                 412: b"Precondition Failed", 413: b"Payload Too Large",
@@ -2134,7 +2148,8 @@ class ServerConnection(Connection):
         self.http_close = False      # HTTP: close after the reply being built
         self.http_keep_alive_10 = False  # HTTP/1.0 request that asked for keep-alive
         self.http_continued = False  # HTTP: 100 Continue sent for the pending request
-        self.http_chunked = None     # HTTP: the ChunkedBody of the pending request
+        self.http_pending = None     # HTTP: (method, key, headers, minor, ChunkedBody)
+                                     # of a request whose chunked body is arriving
 
     def data_received(self, data):
         if self.swallow:
@@ -2262,9 +2277,12 @@ class ServerConnection(Connection):
         for key in keys:
             item = lookup(key, *args)
             if item is not None:
-                out.append(item.render_with_cas() if with_cas else item.rendered)
+                if with_cas:
+                    out.extend(item.gets_block())
+                else:
+                    out.append(item.rendered)
+        hits = len(out) // 2 if with_cas else len(out)
         out.append(END)
-        hits = len(out) - 1
         stats = self.stats
         if exptime is None:
             stats["cmd_get"] += len(keys)
@@ -2313,8 +2331,7 @@ class ServerConnection(Connection):
         args = (cas_unique,) if with_cas else ()
         status = method(key, flags, exptime, value, *args)
         if with_cas:
-            self.stats[{ST_STORED: "cas_hits", ST_EXISTS: "cas_badval",
-                        ST_NOT_FOUND: "cas_misses"}[status]] += 1
+            self.stats[CAS_COUNTERS[status]] += 1
         self.reply(STATUS_LINES[status])
         return end
 
@@ -2395,14 +2412,13 @@ class ServerConnection(Connection):
             if char in MG_SILENT_FLAGS:
                 continue
             if char == 107:                                  # k
-                out.append(meta_key(key, item.state & KEY_BINARY))
+                out.append(meta_key(key, echo_base64(item, key, 98 in flags)))
             elif char == 99:                                 # c
                 out.append(b"c%d" % item.cas)
             elif char == 102:                                # f
                 out.append(b"f%d" % item.flags)
             elif char == 116:                                # t
-                out.append(b"t%d" % ((exptime - int(store.now)) & UINT32_MASK)
-                           if exptime else b"t-1")
+                out.append(meta_ttl(exptime, store.now))
             elif char == 115:                                # s
                 out.append(b"s%d" % nbytes)
             elif char == 79:                                 # O
@@ -2450,7 +2466,7 @@ class ServerConnection(Connection):
         if 117 not in flags:                                 # u: no LRU bump
             store.fetched(key, item)
         out = b" ".join(out) + CRLF
-        self.writelines((out, item.rendered[item.vstart:]) if 118 in flags else (out,))
+        self.writelines((out, memoryview(item.rendered)[item.vstart:]) if 118 in flags else (out,))
         return pos
 
     def cmd_ms(self, tokens, buf, pos):
@@ -2469,7 +2485,7 @@ class ServerConnection(Connection):
             mode = flags.get(77, b"S")                       # M
             if mode not in MS_MODES:
                 raise INVALID_MS_MODE
-            check_opaque(flags)
+            meta_echo(flags, key, False)             # its opaque error, before the data
         except ClientError as err:
             self.write(err.line)
             return self._skip_block(buf, end)
@@ -2486,24 +2502,17 @@ class ServerConnection(Connection):
         status, item = self.store.store(mode, key, client_flags, flags.get(84, 0), value,
                                         cas_unique, 73 in flags, binary)
         if cas_unique is not None and mode in b"SR":
-            self.stats[{ST_STORED: "cas_hits", ST_EXISTS: "cas_badval",
-                        ST_NOT_FOUND: "cas_misses"}[status]] += 1
+            self.stats[CAS_COUNTERS[status]] += 1
         if status == ST_STORED and 113 in flags:             # q
             return end
-        out = [META_STATUS[status]]
-        for char, arg in flags.items():
-            if char == 79:
-                out.append(arg)
-            elif char == 107:
-                out.append(meta_key(key, binary))
-            elif char == 99:
-                out.append(b"c%d" % (item.cas if item is not None else 0))
+        out = [META_STATUS[status]] + meta_echo(flags, key, binary,
+                                                item.cas if item is not None else 0)
         self.write(b" ".join(out) + CRLF)
         return end
 
     def cmd_md(self, tokens, buf, pos):
         key, flags = self._meta_args(tokens, META_TOO_LONG, INVALID_OR_DUPLICATE_FLAG)
-        check_opaque(flags)
+        echo = meta_echo(flags, key, 98 in flags)          # memcached checks O before the delete
         store = self.store
         item = store.get(key, False)
         if item is None:
@@ -2522,7 +2531,7 @@ class ServerConnection(Connection):
             self.stats["delete_misses"] += 1
         elif 113 in flags:
             return pos
-        self.write(b" ".join([META_STATUS[status]] + meta_echo(flags, key, 98 in flags)) + CRLF)
+        self.write(b" ".join([META_STATUS[status]] + echo) + CRLF)
         return pos
 
     def cmd_ma(self, tokens, buf, pos):
@@ -2558,8 +2567,7 @@ class ServerConnection(Connection):
             if char == 99:                                   # c
                 out.append(b"c%d" % item.cas)
             elif char == 116:                                # t
-                out.append(b"t%d" % ((exptime - int(store.now)) & UINT32_MASK)
-                           if exptime else b"t-1")
+                out.append(meta_ttl(exptime, store.now))
             elif char == 84:                                 # T
                 exptime = store.absolute(arg)
             elif char == 78:                                 # N
@@ -2591,7 +2599,8 @@ class ServerConnection(Connection):
         if len(tokens) < 2 or len(tokens[1]) > KEY_MAX_LENGTH:
             raise BAD_FORMAT
         key = tokens[1]
-        if len(tokens) > 2 and tokens[2] == b"b":
+        decoded = len(tokens) > 2 and tokens[2] == b"b"
+        if decoded:
             key = base64_key(key)
             if key is None:
                 raise BAD_FORMAT
@@ -2601,10 +2610,9 @@ class ServerConnection(Connection):
             self.write(b"EN\r\n")
             return pos
         now_s = int(self.store.now)
-        shown = meta_key(key, item.state & KEY_BINARY)[1:]
-        if item.state & KEY_BINARY:
-            shown = shown[:-2]
-        size = item_total_size(key, item.flags, len(item.value))
+        binary = echo_base64(item, key, decoded)
+        shown = binascii.b2a_base64(key, newline=False) if binary else key
+        size = item_total_size(key, item.flags, len(item.rendered) - item.vstart - 2)
         self.write(b"ME %b exp=%d la=%d cas=%d fetch=%b cls=%d size=%d\r\n" % (
             shown, now_s - item.exptime if item.exptime else -1, now_s - int(abs(item.atime)),
             item.cas, b"yes" if item.atime > 0 else b"no", slab_class(size), size))
@@ -2624,6 +2632,14 @@ class ServerConnection(Connection):
             if len(self.outbuf) > self.check_at and self.backed_up():
                 return self._pause(pos)
             try:
+                if self.http_pending is not None:
+                    pos = self._http_chunks(buf, pos)
+                    if self.http_pending is not None:
+                        return pos
+                    continue
+                pos = HTTP_BLANK_LINES.match(buf, pos).end()   # allowed (RFC 9112 2.2)
+                if pos == end:
+                    break
                 after = self._http_request(buf, pos)
             except HttpError as err:
                 self.http_close = True
@@ -2636,9 +2652,10 @@ class ServerConnection(Connection):
         return end if self.closing else pos
 
     def _http_request(self, buf, pos):
-        """Answer the request at buf[pos:]; its end offset, or None until it is all in."""
-        while buf[pos:pos + 1] in (b"\r", b"\n"):
-            pos += 1     # blank lines between requests are allowed (RFC 9112 2.2)
+        """Answer the request at buf[pos:]; its end offset, or None until it is all in.
+
+        A chunked body goes to _http_chunks, which may take it only in part.
+        """
         found = HTTP_HEAD_END.search(buf, pos, pos + HTTP_HEAD_MAX_BYTES)
         if found is None:
             if len(buf) - pos >= HTTP_HEAD_MAX_BYTES:
@@ -2664,14 +2681,8 @@ class ServerConnection(Connection):
                 raise HttpError(400, b"both Content-Length and Transfer-Encoding")
             if chunked.lower() != b"chunked":
                 raise HttpError(501)
-            if self.http_chunked is None:
-                self.http_chunked = ChunkedBody(limit)
-            parsed = self.http_chunked.feed(buf, head_end)
-            if parsed is None:
-                self._http_continue(headers, minor)
-                self.need = max(head_end + self.http_chunked.wanted - pos, 0)
-                return None
-            end, body = parsed
+            self.http_pending = (method, key, headers, minor, ChunkedBody(limit))
+            return self._http_chunks(buf, head_end)
         else:
             if length is None:
                 length = b"0"
@@ -2686,12 +2697,28 @@ class ServerConnection(Connection):
                     self.need = end - pos
                     return None
                 body = buf[head_end:end]
+        self._http_complete(method, key, headers, body)
+        return self._skip_block(buf, end)   # a body nobody stores is discarded unread
+
+    def _http_chunks(self, buf, pos):
+        """Feed buf[pos:] to the pending request's chunked body; answer it once it
+        is complete. Returns the offset up to which buf was used."""
+        method, key, headers, minor, body = self.http_pending
+        pos = body.feed(buf, pos)
+        if body.done:
+            self.http_pending = None
+            self._http_complete(method, key, headers, b"".join(body.parts))
+        else:
+            self._http_continue(headers, minor)
+            self.need = body.wanted
+        return pos
+
+    def _http_complete(self, method, key, headers, body):
+        """A whole request is in: answer it, then close if it asked to."""
         self.http_continued = False
-        self.http_chunked = None
         self._http_answer(method, key, headers, body)
         if self.http_close:
             self.close_when_sent()
-        return self._skip_block(buf, end)   # a body nobody stores is discarded unread
 
     def _http_continue(self, headers, minor):
         """`Expect: 100-continue`: tell the client to send the body, once."""
@@ -2943,6 +2970,13 @@ class ServerConnection(Connection):
         if exptime is None:
             raise INVALID_EXPTIME
         return exptime
+
+
+def echo_base64(item, key, decoded):
+    """Echo an item's key in base64? As memcached does when it was stored with `b`;
+    also when a decoded key holds bytes no text line can carry (memcached sends
+    those raw, and they would break the reply stream)."""
+    return bool(item.state & KEY_BINARY) or (decoded and TEXT_KEY_UNSAFE.search(key) is not None)
 
 
 def _json_number(value):

@@ -3,6 +3,7 @@
 Raw-socket tests assert status lines, header order and bodies byte for byte; the
 curl tests check that a real client gets along with the server.
 """
+import base64
 import json
 import os
 import re
@@ -430,6 +431,28 @@ def test_chunk_framing_is_bounded(server, kp, line, code):
         assert BAD_RE.match(answer) and CLOSE in answer, answer[:200]
     else:
         assert answer == reply(413, CLOSE), answer[:200]
+
+
+def test_blank_lines_between_requests_are_dropped(http, kp):
+    """16 MB of blank lines between two requests (allowed by RFC 9112 2.2) are skipped
+    as they arrive, not kept and rescanned: the next request is answered at once."""
+    http.call(req(b"GET", b"/" + kp + b"a"), reply(404))
+    for _ in range(32):
+        http.send(b"\r\n" * (1 << 18))
+    http.call(req(b"GET", b"/" + kp + b"a"), reply(404))
+
+
+def test_key_with_line_breaks_is_never_echoed_raw(http, text, kp):
+    """An HTTP key holding CR LF stays base64 in meta echoes after an append changes
+    the item (memcached would send such a key raw and break the reply stream)."""
+    k = kp + b"x\r\nHD"
+    target = b"/" + k.replace(b"\r", b"%0D").replace(b"\n", b"%0A")
+    put(http, target[1:], b"1")
+    put(http, target[1:], b"2", headers=[b"X-TT-PDMODE: 2"])
+    b64 = base64.b64encode(k)
+    text.call(b"mg %s b k v\r\n" % b64, b"VA 2 k%s b\r\n12\r\n" % b64)
+    text.send(b"me %s b\r\n" % b64)
+    assert text.read_line().startswith(b"ME %s exp=-1 " % b64)
 
 
 def test_expect_100_continue(http, kp):

@@ -1,4 +1,6 @@
 """Data survives SIGTERM, kill -9 and a torn update log, on every persistent engine."""
+import sqlite3
+import struct
 import threading
 import time
 
@@ -163,6 +165,30 @@ def test_meta_and_http_writes_survive_with_their_state(make, stop):
     assert after == before.replace(b" Z\r\n", b"\r\n"), (before, after)
     stale_ttl, ttl = [int(line.split(b" t")[1].split()[0]) for line in ttls.split(b"\r\n")[:2]]
     assert 190 <= stale_ttl <= 200 and 390 <= ttl <= 400
+
+
+def test_store_records_keep_their_format(tmp_path):
+    """The sqlite store's rows are <flags u32><exptime i64><cas u64> + data and a JSON
+    meta row, as the first release wrote them: such a store reads back unchanged."""
+    data = tmp_path / "data"
+    data.mkdir()
+    db = sqlite3.connect(str(data / "store.sqlite3"))
+    db.execute("CREATE TABLE Dict (key BLOB UNIQUE NOT NULL, value BLOB NOT NULL)")
+    db.executemany("INSERT INTO Dict VALUES (?, ?)", [
+        (b"old", struct.pack("<IqQ", 5, 0, 7) + b"hello"),
+        (b"odd", struct.pack("<IqQ", 0, 0, 8) + b"\x01\x03 first byte odd"),
+        (b"memtool:meta:" + b"." * 250, b'{"cas": 8, "flush_cas": 0, "flush_deadline": 0}')])
+    db.commit()
+    db.close()
+    srv = MemtoolServer(tmp_path, engine="sqlite")
+    with srv:
+        srv.start()
+        with srv.session() as s:
+            s.call(b"gets old odd\r\nmg odd v\r\n",
+                   b"VALUE old 5 5 7\r\nhello\r\nVALUE odd 0 17 8\r\n\x01\x03 first byte odd\r\n"
+                   b"END\r\nVA 17\r\n\x01\x03 first byte odd\r\n")
+            s.set(b"new", b"x")
+            assert s.gets_cas(b"new") == 9
 
 
 def test_kill9_while_writing_loses_no_acknowledged_write(make):
