@@ -103,6 +103,7 @@ KEY_MAX_LENGTH = 250                # memcached KEY_MAX_LENGTH
 LINE_MAX_BYTES = 2048               # no newline after this many bytes: drop the client
 MULTIGET_LINE_MAX_BYTES = 1 << 20   # our bound on a long get line (memcached has none)
 HTTP_HEAD_MAX_BYTES = 8192          # HTTP request line + headers; more is 431
+HTTP_LINGER_SECONDS = 5             # after a 413, read and drop the upload this long
 ITEM_SIZE_MAX_DEFAULT = 1 << 20     # -I
 ITEM_HEADER_BYTES = 59              # memcached's per-item overhead counted against -I:
                                     # 48-byte header + key NUL + "\r\n" + 8-byte cas
@@ -2644,7 +2645,14 @@ class ServerConnection(Connection):
             except HttpError as err:
                 self.http_close = True
                 self._http_reply(err.status, detail=err.detail)
-                self.close_when_sent()
+                if err.status == 413:
+                    # The client may still be sending the body: closing now would
+                    # reset the connection before it reads the 413. Drop what it
+                    # sends until it closes, for HTTP_LINGER_SECONDS at most.
+                    self.process = self._discard
+                    self.loop.call_later(HTTP_LINGER_SECONDS, self.close)
+                else:
+                    self.close_when_sent()
                 return end
             if after is None:
                 return pos
@@ -2719,6 +2727,10 @@ class ServerConnection(Connection):
         self._http_answer(method, key, headers, body)
         if self.http_close:
             self.close_when_sent()
+
+    @staticmethod
+    def _discard(buf):
+        return len(buf)
 
     def _http_continue(self, headers, minor):
         """`Expect: 100-continue`: tell the client to send the body, once."""

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 
@@ -67,6 +68,12 @@ def read_reply(s, head=False):
     raw = s.read_until(b"\r\n\r\n")
     m = re.search(rb"\r\nContent-Length: (\d+)\r\n", raw)
     return raw + (s.recv_exact(int(m.group(1))) if m and not head else b"")
+
+
+def hang_up(s):
+    """Close our side, as a client does after `Connection: close`; the server follows."""
+    s.sock.shutdown(socket.SHUT_WR)
+    s.expect_closed()
 
 
 def call(s, request, head=False):
@@ -388,8 +395,19 @@ def test_item_size_limit(server, kp):
             s.send(b"PUT /%s HTTP/1.1\r\nContent-Length: %d\r\n%s\r\n"
                    % (k, n, b"".join(h + b"\r\n" for h in headers)))
             s.expect(reply(413, CLOSE))
-            s.expect_closed()
+            hang_up(s)
     alive(server, k, b"x" * limit)
+
+
+def test_413_reaches_a_client_still_uploading(server, kp):
+    """A client that sends a 4 MB body without waiting (no Expect) still reads the 413:
+    the server drops the upload instead of resetting the connection under it."""
+    body = b"u" * (4 << 20)
+    with server.session(timeout=20) as s:
+        s.send(b"PUT /%sk HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (kp, len(body)) + body)
+        s.expect(reply(413, CLOSE))
+        hang_up(s)
+    alive(server, kp + b"k", None)
 
 
 def test_chunked_over_limit_is_413(server, kp):
@@ -398,7 +416,7 @@ def test_chunked_over_limit_is_413(server, kp):
         s.send(b"PUT /%sk HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n"
                % (kp, max_value_len(len(kp) + 1) + 1))
         s.expect(reply(413, CLOSE))
-        s.expect_closed()
+        hang_up(s)
 
 
 def test_many_tiny_chunks_in_many_writes(http, kp):
@@ -424,8 +442,9 @@ def test_chunk_framing_is_bounded(server, kp, line, code):
         try:
             for _ in range(2200):
                 s.send(line + b"\r\nX\r\n")
+            s.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            pass   # the server closed while we were still sending
+            pass   # the server closed while we were still sending (the 400 case)
         answer = s.read_to_eof()
     if code == 400:
         assert BAD_RE.match(answer) and CLOSE in answer, answer[:200]
@@ -472,7 +491,7 @@ def test_expect_100_continue(http, kp):
     http.send(b"PUT /%s HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
               % (k, 1 << 20))
     http.expect(reply(413, CLOSE))
-    http.expect_closed()
+    hang_up(http)
 
 
 # --------------------------------------------------------------------------- errors
