@@ -1030,13 +1030,19 @@ class DbmEngine:
     dbm has no transactions: write() applies the batch and syncs, and the
     meta record written last says how far the log is applied. Replaying
     effects from an older position is harmless, so a crash in between loses
-    nothing.
+    nothing, as long as the module's own sync is atomic. dbm.dumb's is not:
+    it rewrites its whole index file in place, so a kill -9 during a
+    checkpoint can lose any item (the server says so when it opens one).
     """
 
     def __init__(self, path, module_name):
         module = importlib.import_module("dbm." + module_name)
         self.path = f"{path}.{module_name}"
         self.db = module.open(self.path, "c")
+        if module_name == "dumb":
+            log.warning("engine dumb: Python's dbm.dumb rewrites its index in place, so a "
+                        "crash (kill -9, power loss) during a checkpoint can lose items; "
+                        "use the sqlite engine for data that matters")
         self.scan_keys = []      # sorted key snapshot the sweep walks through
 
     def get(self, key):
