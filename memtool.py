@@ -955,6 +955,11 @@ class Item:
     def value(self):
         return self.rendered[self.vstart:-2]
 
+    @property
+    def nbytes(self):
+        """Length of the data, without copying it."""
+        return len(self.rendered) - self.vstart - 2
+
     def gets_block(self):
         """The `gets` block as (header with the cas unique, data): the data is not copied."""
         return (b"%b %d\r\n" % (self.rendered[:self.vstart - 2], self.cas),
@@ -1192,40 +1197,30 @@ class Store:
 
     # -- storage commands ----------------------------------------------------
 
+    # The classic storage commands, as status constants. set is the busiest
+    # command and skips store()'s lookup of the old item; the rest are its modes.
+
     def set(self, key, flags, exptime, value):
         self._write(key, flags, self.absolute(exptime) if exptime else 0, value,
                     self._present_size(key))
         return ST_STORED
 
     def add(self, key, flags, exptime, value):
-        if self.get(key, False) is not None:
-            return ST_NOT_STORED
-        self._write(key, flags, self.absolute(exptime), value, None)
-        return ST_STORED
+        return self.store(b"E", key, flags, exptime, value)[0]
 
     def replace(self, key, flags, exptime, value):
-        old = self.get(key, False)
-        if old is None:
-            return ST_NOT_STORED
-        self._write(key, flags, self.absolute(exptime), value, old.size)
-        return ST_STORED
+        return self.store(b"R", key, flags, exptime, value)[0]
 
     def append(self, key, flags, exptime, value):
         """Add value after the item's data; flags and exptime are ignored (memcached)."""
-        return self._concat(key, value, True)[0]
+        return self.store(b"A", key, flags, exptime, value)[0]
 
     def prepend(self, key, flags, exptime, value):
         """Add value before the item's data; flags and exptime are ignored (memcached)."""
-        return self._concat(key, value, False)[0]
+        return self.store(b"P", key, flags, exptime, value)[0]
 
     def cas(self, key, flags, exptime, value, cas_unique):
-        old = self.get(key, False)
-        if old is None:
-            return ST_NOT_FOUND
-        if old.cas != cas_unique:
-            return ST_EXISTS
-        self._write(key, flags, self.absolute(exptime), value, old.size)
-        return ST_STORED
+        return self.store(b"S", key, flags, exptime, value, cas_unique)[0]
 
     def store(self, mode, key, flags, exptime, value, cas_unique=None, invalidate=False,
               state=0):
@@ -2411,7 +2406,7 @@ class ServerConnection(Connection):
             if 113 not in flags:                             # q
                 self.write(b" ".join([b"EN"] + echo) + CRLF)
             return pos
-        nbytes = len(item.rendered) - item.vstart - 2
+        nbytes = item.nbytes
         out = [b"VA %d" % nbytes if 118 in flags else b"HD"]
         exptime = item.exptime
         won = touched = opaque_too_long = False
@@ -2619,7 +2614,7 @@ class ServerConnection(Connection):
         now_s = int(self.store.now)
         binary = echo_base64(item, key, decoded)
         shown = binascii.b2a_base64(key, newline=False) if binary else key
-        size = item_total_size(key, item.flags, len(item.rendered) - item.vstart - 2)
+        size = item_total_size(key, item.flags, item.nbytes)
         self.write(b"ME %b exp=%d la=%d cas=%d fetch=%b cls=%d size=%d\r\n" % (
             shown, now_s - item.exptime if item.exptime else -1, now_s - int(abs(item.atime)),
             item.cas, b"yes" if item.atime > 0 else b"no", slab_class(size), size))
@@ -2635,8 +2630,9 @@ class ServerConnection(Connection):
         """Handle every complete HTTP request in buf; return the offset of the rest."""
         pos, end = 0, len(buf)
         self.need = 0
+        outbuf = self.outbuf
         while pos < end and not self.closing:
-            if len(self.outbuf) > self.check_at and self.backed_up():
+            if len(outbuf) > self.check_at and self.backed_up():
                 return self._pause(pos)
             try:
                 if self.http_pending is not None:
