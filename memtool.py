@@ -65,10 +65,12 @@ import argparse
 import binascii
 import bisect
 import collections
+import errno
 import fcntl
 import hashlib
 import heapq
 import importlib
+import ipaddress
 import itertools
 import json
 import logging
@@ -76,6 +78,7 @@ import multiprocessing
 import os
 import random
 import re
+import resource
 import selectors
 import signal
 import socket
@@ -112,13 +115,20 @@ REALTIME_MAXDELTA = 30 * 24 * 3600  # exptime above this is a unix time, not sec
 MAX_CONNS_DEFAULT = 1024            # -c
 MEMORY_LIMIT_MB_DEFAULT = 64        # -m: memory engine limit / disk engines' read cache
 ULOG_LIMIT_DEFAULT = 64 << 20       # --ulog-limit: rotate the update log at this size
+ULOG_LIMIT_MIN = 64 << 10           # ... and at least this
 ULOG_KEEP_DEFAULT = 4               # rotated ulog files kept for recovery and peers
 
+ACCEPT_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_RETRY_SECONDS = 0.1          # accepting pauses this long when it runs out of fds
+RESERVED_FDS = 20                   # descriptors besides clients (memcached's reserved_fds)
 RECV_BYTES = 65536                  # 128 KiB+ makes glibc mmap/munmap on every recv
+HELD_BYTES_MIN = 8 << 20            # incomplete data blocks may hold -m, or at least this
 OUTPUT_HIGH_WATER = 4 << 20         # stop reading a client that does not read its replies
 SEND_JOIN_MAX_BYTES = 256 << 10     # a pass's replies up to this are joined into one send
 OUTPUT_CHECK_CHUNKS = 64            # parsers weigh queued replies every this many chunks
 SEND_CHUNKS_MAX = 512               # buffers per sendmsg() (IOV_MAX is 1024 on Linux)
+REQS_PER_EVENT_DEFAULT = 20        # -R: requests a client gets per loop pass (memcached's)
+MULTIGET_KEYS_PER_REQUEST = 16      # ... where a multiget's keys count this many to a request
 SWEEP_INTERVAL_SECONDS = 1.0        # background expiry sweep: one bounded step per interval
 SWEEP_STEP_ITEMS = 500
 UINT32_MASK = 0xFFFFFFFF
@@ -173,14 +183,28 @@ class MemtoolError(Exception):
 
 
 class ProtocolError(MemtoolError):
-    """A request the protocol refuses; `line` is the exact reply (with CRLF)."""
+    """A request the protocol refuses; `line` is the exact reply (with CRLF).
+
+    The fixed refusals are subclasses made by refusal() and raised as
+    classes, so each raise makes a fresh instance: an instance raised again
+    keeps the traceback of every earlier raise, and with it their frames and
+    receive buffers.
+    """
 
     line = b"ERROR\r\n"
+    prefix = b""
+    why = b""            # the line without its prefix and CRLF
 
-    def __init__(self, message=None):
-        if message is not None:
-            self.line = message + CRLF
+    def __init__(self, why=None):
+        if why is not None:
+            self.line = self.prefix + why + CRLF
+            self.why = why
         super().__init__(self.line.decode("latin-1").strip())
+
+    @classmethod
+    def refusal(cls, why):
+        """A subclass whose line is `<prefix> why`: raise it as a class."""
+        return type(cls.__name__, (cls,), {"line": cls.prefix + why + CRLF, "why": why})
 
 
 class UnknownCommand(ProtocolError):
@@ -190,15 +214,14 @@ class UnknownCommand(ProtocolError):
 class ClientError(ProtocolError):
     """`CLIENT_ERROR <why>`: the client sent something malformed."""
 
-    def __init__(self, why=b"bad command line format"):
-        super().__init__(b"CLIENT_ERROR " + why)
+    prefix = b"CLIENT_ERROR "
+    line = b"CLIENT_ERROR bad command line format\r\n"
 
 
 class ServerError(ProtocolError):
     """`SERVER_ERROR <why>`: a well-formed request the server cannot do."""
 
-    def __init__(self, why):
-        super().__init__(b"SERVER_ERROR " + why)
+    prefix = b"SERVER_ERROR "
 
 
 class HttpError(MemtoolError):
@@ -230,8 +253,28 @@ class LogCorrupt(MemtoolError):
     """An update-log record failed its length or crc32 check."""
 
 
+class LogDamaged(LogCorrupt):
+    """A ulog file cannot be read past `offset`. torn: what is left is the
+    unfinished end of the newest file, which start-up may cut."""
+
+    def __init__(self, path, offset, torn):
+        super().__init__(f"{path}: damaged record at offset {offset}")
+        self.path = path
+        self.offset = offset
+        self.torn = torn
+
+
 class ConfigError(MemtoolError):
     """A setting or data directory that cannot work; the CLI prints it and exits 1."""
+
+
+class StoreUnreadable(ConfigError):
+    """The store file cannot be opened or read: one line with the cause and the remedy."""
+
+    def __init__(self, data_dir, engine, cause):
+        super().__init__(
+            f"the {engine} store in {data_dir} cannot be read ({cause}); if the update log "
+            f"is complete, `memtool.py check --data {data_dir} --fix` rebuilds it from the log")
 
 
 # ===== 3. Protocol codec =====================================================
@@ -242,13 +285,14 @@ class ConfigError(MemtoolError):
 # the result is truncated to the C type memcached stores it in.
 
 _NUMBER = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)(?:[ \t\n\v\f\r\0]|$)")
-BAD_FORMAT = ClientError()
-INVALID_EXPTIME = ClientError(b"invalid exptime argument")
-INVALID_DELTA = ClientError(b"invalid numeric delta argument")
-NON_NUMERIC_VALUE = ClientError(b"cannot increment or decrement non-numeric value")
-BAD_DATA_CHUNK = ClientError(b"bad data chunk")
-TOO_LARGE = ServerError(b"object too large for cache")
-DELETE_USAGE = ClientError(b"bad command line format.  Usage: delete <key> [noreply]")
+BAD_FORMAT = ClientError
+INVALID_EXPTIME = ClientError.refusal(b"invalid exptime argument")
+INVALID_DELTA = ClientError.refusal(b"invalid numeric delta argument")
+NON_NUMERIC_VALUE = ClientError.refusal(b"cannot increment or decrement non-numeric value")
+BAD_DATA_CHUNK = ClientError.refusal(b"bad data chunk")
+TOO_LARGE = ServerError.refusal(b"object too large for cache")
+NO_MEMORY = ServerError.refusal(b"out of memory storing object")
+DELETE_USAGE = ClientError.refusal(b"bad command line format.  Usage: delete <key> [noreply]")
 
 
 def _int_digits(digits):
@@ -405,22 +449,22 @@ MG_LOCKING_FLAGS = frozenset(b"hlNTR")     # mg delays its LRU bump (memcached's
 META_TOKENS_MAX = 19        # memcached's MFLAG_MAX_OPT_LENGTH, less its terminal token
 META_OPAQUE_MAX = 32        # bytes of an O token, the O included
 META_TTL_FLAGS = frozenset(b"NTR")      # exptime values (safe_strtol)
-META_U64_FLAGS = {ord("C"): ClientError(b"bad token in command line format"),
-                  ord("J"): ClientError(b"invalid numeric initial value"),
-                  ord("D"): ClientError(b"invalid numeric delta value")}
-INVALID_FLAG = ClientError(b"invalid flag")
-DUPLICATE_FLAG = ClientError(b"duplicate flag")
+META_U64_FLAGS = {ord("C"): ClientError.refusal(b"bad token in command line format"),
+                  ord("J"): ClientError.refusal(b"invalid numeric initial value"),
+                  ord("D"): ClientError.refusal(b"invalid numeric delta value")}
+INVALID_FLAG = ClientError.refusal(b"invalid flag")
+DUPLICATE_FLAG = ClientError.refusal(b"duplicate flag")
 BAD_TOKEN = META_U64_FLAGS[ord("C")]
-BAD_M_LENGTH = ClientError(b"incorrect length for M token")
-BAD_KEY_ENCODING = ClientError(b"error decoding key")
-OPAQUE_TOO_LONG = ClientError(b"opaque token too long")
+BAD_M_LENGTH = ClientError.refusal(b"incorrect length for M token")
+BAD_KEY_ENCODING = ClientError.refusal(b"error decoding key")
+OPAQUE_TOO_LONG = ClientError.refusal(b"opaque token too long")
 META_FLAG_SETS_KEPT = 4096  # parsed flag sets remembered (opaques make most of them unique)
 _PARSED_META_FLAGS = {}     # tuple of flag tokens -> their flags dict
-MG_TOO_LONG = ClientError(b"options flags are too long")
-META_TOO_LONG = ClientError(b"options flags too long")      # ms, md, ma word it so
-INVALID_OR_DUPLICATE_FLAG = ClientError(b"invalid or duplicate flag")
-INVALID_MS_MODE = ClientError(b"invalid mode for ms M token")
-INVALID_MA_MODE = ClientError(b"invalid mode for ma M token")
+MG_TOO_LONG = ClientError.refusal(b"options flags are too long")
+META_TOO_LONG = ClientError.refusal(b"options flags too long")      # ms, md, ma word it so
+INVALID_OR_DUPLICATE_FLAG = ClientError.refusal(b"invalid or duplicate flag")
+INVALID_MS_MODE = ClientError.refusal(b"invalid mode for ms M token")
+INVALID_MA_MODE = ClientError.refusal(b"invalid mode for ma M token")
 MS_MODES = (b"S", b"E", b"A", b"P", b"R")   # set, add (E), append, prepend, replace
 MA_MODES = (b"I", b"+", b"D", b"-")         # incr, incr, decr, decr
 BASE64_OTHER = re.compile(rb"[^A-Za-z0-9+/=]")
@@ -923,8 +967,14 @@ CACHE_ITEM_OVERHEAD = 120               # rough bytes of Python objects per cach
 ABSENT = False                          # cache entry: the engine has no such key
 CHECKPOINT_SECONDS = 0.1                # write changes to the engine at least this often
 CHECKPOINT_ITEMS = 10000                # ... or once this many keys changed
-STORE_COUNTERS = ("get_expired", "get_flushed", "evictions", "reclaimed", "total_items")
+STORE_COUNTERS = ("get_expired", "get_flushed", "evictions", "reclaimed", "total_items",
+                  "expired_unfetched", "evicted_unfetched")
 ENGINES = ("sqlite", "gnu", "ndbm", "dumb", "memory")
+ENGINE_FILE = "ENGINE"                  # in the data directory: which engine wrote it
+MISSING = object()                      # undo record: pending had no entry for the key
+DAMAGED_KEYS_LOGGED = 100               # undecodable rows named in the log, then counted
+CHECKPOINT_RETRY_SECONDS = 1.0          # a checkpoint the engine refused is tried again
+STORE_UNREADABLE = ServerError.refusal(b"cannot read the store")
 
 
 class Item:
@@ -986,6 +1036,8 @@ class SqliteEngine:
     log is the durable record and replays whatever a crash lost here.
     """
 
+    errors = (OSError, sqlite3.Error)    # what its calls raise when the file fails
+
     def __init__(self, path):
         self.path = path + ".sqlite3"
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -993,6 +1045,8 @@ class SqliteEngine:
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS Dict ("
                         "key BLOB UNIQUE NOT NULL, value BLOB NOT NULL)")
+        if not os.access(self.path, os.W_OK):   # say so now, not at the first checkpoint
+            raise OSError(errno.EACCES, "the store file is read-only", self.path)
 
     def get(self, key):
         row = self.db.execute("SELECT value FROM Dict WHERE key = CAST(? AS BLOB)",
@@ -1005,19 +1059,27 @@ class SqliteEngine:
         return None if row is None else row[0]
 
     def write(self, puts, deletes):
-        """Store puts [(key, value)] and drop deletes [key] in one transaction."""
-        self.db.execute("BEGIN")
-        self.db.executemany("DELETE FROM Dict WHERE key = CAST(? AS BLOB)",
-                            [(key,) for key in deletes])
-        self.db.executemany("REPLACE INTO Dict (key, value) VALUES "
-                            "(CAST(? AS BLOB), CAST(? AS BLOB))", puts)
-        self.db.execute("COMMIT")
+        """Store puts [(key, value)] and drop deletes [key] in one transaction;
+        on an error nothing of it is kept."""
+        try:
+            self.db.execute("BEGIN")
+            self.db.executemany("DELETE FROM Dict WHERE key = CAST(? AS BLOB)",
+                                [(key,) for key in deletes])
+            self.db.executemany("REPLACE INTO Dict (key, value) VALUES "
+                                "(CAST(? AS BLOB), CAST(? AS BLOB))", puts)
+            self.db.execute("COMMIT")
+        except sqlite3.Error:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
-    def scan(self, after, limit):
-        """Up to `limit` (key, record header) pairs with key > after, in key order."""
+    def scan(self, after, limit, whole=False):
+        """Up to `limit` (key, record header) pairs with key > after, in key order;
+        with `whole`, (key, record) pairs."""
         return self.db.execute(
-            "SELECT key, substr(value, 1, ?) FROM Dict WHERE key > CAST(? AS BLOB) "
-            "ORDER BY key LIMIT ?", (RECORD_HEADER.size, after, limit)).fetchall()
+            "SELECT key, %s FROM Dict WHERE key > CAST(? AS BLOB) ORDER BY key LIMIT ?"
+            % ("value" if whole else "substr(value, 1, %d)" % RECORD_HEADER.size),
+            (after, limit)).fetchall()
 
     def count(self):
         """(number of pairs, bytes of keys and values), the meta row included."""
@@ -1042,8 +1104,12 @@ class DbmEngine:
 
     def __init__(self, path, module_name):
         module = importlib.import_module("dbm." + module_name)
+        self.errors = (OSError, module.error)   # what its calls raise when the file fails
         self.path = f"{path}.{module_name}"
-        self.db = module.open(self.path, "c")
+        try:
+            self.db = module.open(self.path, "c")
+        except (ValueError, SyntaxError, module.error) as err:   # dumb's index may not parse
+            raise OSError(str(err)) from None
         if module_name == "dumb":
             log.warning("engine dumb: Python's dbm.dumb rewrites its index in place, so a "
                         "crash (kill -9, power loss) during a checkpoint can lose items; "
@@ -1069,7 +1135,7 @@ class DbmEngine:
         if sync is not None:
             sync()
 
-    def scan(self, after, limit):
+    def scan(self, after, limit, whole=False):
         if not after:
             self.scan_keys = sorted(self.db.keys())
         keys = self.scan_keys
@@ -1078,7 +1144,7 @@ class DbmEngine:
         for key in keys[start:start + limit]:
             value = self.db.get(key)
             if value is not None:
-                rows.append((key, value[:RECORD_HEADER.size]))
+                rows.append((key, value if whole else value[:RECORD_HEADER.size]))
         return rows
 
     def count(self):
@@ -1109,18 +1175,72 @@ def open_engine(name, data_dir):
     """The engine called `name` (one of ENGINES) storing under data_dir/store.*.
 
     Returns None for 'memory'. Raises ConfigError when the dbm module behind
-    the name is missing from this Python, naming the engines that are there.
+    the name is missing from this Python (naming the engines that are
+    there), and StoreUnreadable when the store file cannot be opened.
     """
     if name == "memory":
         return None
     base = os.path.join(data_dir, "store")
-    if name == "sqlite":
-        return SqliteEngine(base)
     try:
-        return DbmEngine(base, name)
+        return SqliteEngine(base) if name == "sqlite" else DbmEngine(base, name)
     except ImportError:
         raise ConfigError(f"engine {name!r} needs dbm.{name}, which this Python lacks; "
                           f"available engines: {', '.join(available_engines())}") from None
+    except (OSError, sqlite3.Error) as err:
+        raise StoreUnreadable(data_dir, name, err) from None
+
+
+def store_files(data_dir):
+    """Names of the store files in data_dir (any engine's)."""
+    try:
+        return sorted(n for n in os.listdir(data_dir) if n.startswith("store."))
+    except FileNotFoundError:
+        return []
+
+
+def recorded_engine(data_dir):
+    """The engine whose data data_dir holds: its ENGINE_FILE, else the engine
+    whose store file is there (directories from before the file); None when new."""
+    try:
+        with open(os.path.join(data_dir, ENGINE_FILE)) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        pass
+    for name in store_files(data_dir):
+        engine = name.split(".")[1]
+        return {"sqlite3": "sqlite"}.get(engine, engine)
+    return None
+
+
+def record_engine(data_dir, engine):
+    """Write data_dir's ENGINE_FILE (atomically)."""
+    path = os.path.join(data_dir, ENGINE_FILE)
+    with open(path + ".tmp", "w") as f:
+        f.write(engine + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def prepare_data_dir(data_dir, engine):
+    """Make sure data_dir can take `engine`'s data: create it and record the engine.
+
+    Raises ConfigError when data_dir is not a directory or holds another
+    engine's store. With 'memory' nothing is created; a directory holding
+    data gets a warning that none of it is used.
+    """
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise ConfigError(f"--data {data_dir}: not a directory")
+    recorded = recorded_engine(data_dir)
+    if engine == "memory":
+        if recorded or os.path.isdir(os.path.join(data_dir, "ulog")):
+            log.warning("--engine memory: nothing in %s is read or kept", data_dir)
+        return
+    if recorded and recorded != engine:
+        raise ConfigError(f"{data_dir} holds a {recorded} store, not {engine}: start with "
+                          f"--engine {recorded}, or convert it with `memtool.py check --data "
+                          f"{data_dir} --convert {engine}`")
+    os.makedirs(data_dir, exist_ok=True)
+    if recorded is None:
+        record_engine(data_dir, engine)
 
 
 class Store:
@@ -1130,9 +1250,12 @@ class Store:
     recently used are evicted, counted in `evictions`); for disk engines it
     bounds the read cache in front of the engine. item_size_max: bytes, as
     memcached -I. journal(op, key, flags, exptime, cas, value) receives each
-    effect before it is applied. `now` is the store's clock (unix seconds):
-    the server sets it once per loop pass with tick(), replay sets it to each
-    record's time.
+    effect before it is applied, and may refuse it by raising (a ServerError
+    while the log cannot be written): nothing has changed then. The changes
+    journaled since the last commit() form a batch that rollback() undoes.
+    `now` is the store's clock (unix seconds): the server sets it once per
+    loop pass with tick(), replay sets it to each record's time. Raises
+    StoreUnreadable when the engine's meta record cannot be read.
     """
 
     def __init__(self, engine=None, memory_limit=MEMORY_LIMIT_MB_DEFAULT << 20,
@@ -1149,15 +1272,14 @@ class Store:
         self.now = now()                      # unix seconds, set by tick()
         self.get_expired = self.get_flushed = 0   # memcached counters (STORE_COUNTERS)
         self.evictions = self.reclaimed = self.total_items = 0
+        self.expired_unfetched = self.evicted_unfetched = 0
         self.curr_items = self.bytes = 0      # items on disk (or held) and their bytes
-        meta = {}
-        if engine is not None:
-            raw = engine.get(META_KEY)
-            meta = json.loads(raw) if raw else {}
-            self.curr_items, self.bytes = engine.count()
-            if raw:
-                self.curr_items -= 1
-                self.bytes -= len(META_KEY) + len(raw)
+        self.undo = {}                        # key -> (pending entry or MISSING, its
+                                              # exptime) before this batch changed it
+        self.undo_flush = None                # (flush_cas, flush_deadline) before it
+        self.damaged = set()                  # keys whose engine rows do not decode
+        self.checkpoint_error = None          # why the last checkpoint failed, or None
+        meta = self._read_meta() if engine is not None else {}
         self.last_cas = meta.get("cas", 0)    # last cas unique handed out
         self.flush_cas = meta.get("flush_cas", 0)  # items with a smaller cas are flushed
         self.flush_deadline = meta.get("flush_deadline", 0)  # pending delayed flush_all
@@ -1356,12 +1478,19 @@ class Store:
         """Remove up to `limit` expired or flushed items from disk; a bounded step."""
         if self.engine is None:
             return 0
-        rows = self.engine.scan(self.sweep_after, limit)
+        try:
+            rows = self.engine.scan(self.sweep_after, limit)
+        except self.engine.errors as err:
+            log.warning("store: the expiry sweep cannot read the store: %s", err)
+            return 0
         self.sweep_after = rows[-1][0] if len(rows) == limit else b""
         reaped = 0
         for key, header in rows:
             if len(key) > KEY_MAX_LENGTH or key in self.pending:
                 continue   # the meta record, or a key whose disk row is out of date
+            if len(header) < RECORD_HEADER.size:
+                self._decode(key, header)      # logs the damaged row once
+                continue
             _, exptime, cas = RECORD_HEADER.unpack(header)
             cas &= RECORD_CAS_MASK
             if (exptime and exptime <= self.now) or cas < self.flush_cas:
@@ -1371,27 +1500,75 @@ class Store:
         return reaped
 
     def commit(self, log_position=None, force=False):
-        """End of a batch: note how far the log goes; checkpoint when one is due."""
+        """End of a batch, which the log now holds: note how far the log goes;
+        checkpoint when one is due."""
+        self.undo.clear()
+        self.undo_flush = None
         if log_position is not None:
             self.log_position = log_position
+        if self.checkpoint_error is not None and self.now < self.checkpointed:
+            return   # a failed checkpoint waits before it is tried again
         if force or len(self.pending) >= CHECKPOINT_ITEMS or (
                 (self.pending or self.meta_dirty)
                 and self.now - self.checkpointed >= CHECKPOINT_SECONDS):
             self.checkpoint()
 
     def checkpoint(self):
-        """Write the pending changes and the meta record to the engine."""
+        """Write the pending changes and the meta record to the engine.
+
+        Returns False when the engine refused them: they stay pending, the
+        meta record keeps its older log position (so a restart replays the
+        log from there), and commit() tries again after CHECKPOINT_RETRY_SECONDS.
+        """
         self.checkpointed = self.now
-        self.meta_dirty = False
         if self.engine is None:
-            return
-        pending, self.pending = self.pending, {}
+            self.meta_dirty = False
+            return True
+        pending = self.pending
         puts = [(key, item.record()) for key, item in pending.items() if item is not None]
         meta = {"cas": self.last_cas, "flush_cas": self.flush_cas,
-                "flush_deadline": self.flush_deadline, "ulog": self.log_position}
+                "flush_deadline": self.flush_deadline, "ulog": self.log_position,
+                "items": self.curr_items, "bytes": self.bytes}
         puts.append((META_KEY, json.dumps(meta).encode()))
-        self.engine.write(puts, [key for key, item in pending.items() if item is None])
+        try:
+            self.engine.write(puts, [key for key, item in pending.items() if item is None])
+        except self.engine.errors as err:
+            if self.checkpoint_error is None:
+                log.error("store checkpoint failed: %s; the changes stay in memory and the "
+                          "update log, retrying every %g s", err, CHECKPOINT_RETRY_SECONDS)
+            self.checkpoint_error = err
+            self.checkpointed = self.now + CHECKPOINT_RETRY_SECONDS
+            return False
+        if self.checkpoint_error is not None:
+            log.warning("store checkpoint succeeded again")
+            self.checkpoint_error = None
+        self.pending = {}
+        self.meta_dirty = False
         self.checkpoint_position = self.log_position
+        return True
+
+    def rollback(self):
+        """Undo the batch (the changes journaled since the last commit()): the
+        log could not take it. Items, pending changes and counters return to
+        what they were; cas uniques handed out meanwhile stay used."""
+        for key, (prior, exptime) in self.undo.items():
+            before = self._layer_size(key, prior)
+            after = self._layer_size(key, self.pending.get(key, MISSING))
+            self.curr_items += (before is not None) - (after is not None)
+            self.bytes += (before or 0) - (after or 0)
+            if prior is MISSING:
+                self.pending.pop(key, None)
+            else:
+                self.pending[key] = prior
+                if prior:
+                    prior.exptime = exptime   # touch changes items in place
+            cached = self.cache.pop(key, None)
+            if cached is not None:
+                self.cache_bytes -= self._footprint(key, cached)
+        if self.undo_flush is not None:
+            self.flush_cas, self.flush_deadline = self.undo_flush
+        self.undo.clear()
+        self.undo_flush = None
 
     def apply(self, op, key, flags, exptime, cas, value):
         """Apply one effect record (replay, replication); the inverse of journal."""
@@ -1421,15 +1598,64 @@ class Store:
             setattr(self, name, 0)
 
     def close(self):
+        """Checkpoint and close the engine; False when the last checkpoint failed
+        (the engine then still says how far the log is applied)."""
+        done = True
         if self.engine is not None:
-            self.checkpoint()
+            done = self.checkpoint()
             self.engine.close()
+        return done
 
     # -- internals -----------------------------------------------------------
 
-    def _journal(self, *record):
-        if self.journal is not None:
-            self.journal(*record)
+    def _read_meta(self):
+        try:
+            raw = self.engine.get(META_KEY)
+            meta = json.loads(raw) if raw else {}
+            if "items" in meta:
+                self.curr_items, self.bytes = meta["items"], meta["bytes"]
+            else:     # a store written before the counts were kept
+                self.curr_items, self.bytes = self.engine.count()
+                if raw:
+                    self.curr_items -= 1
+                    self.bytes -= len(META_KEY) + len(raw)
+        except self.engine.errors + (ValueError, KeyError, TypeError) as err:
+            raise StoreUnreadable(os.path.dirname(self.engine.path), type(self.engine).__name__,
+                                  err) from None
+        return meta
+
+    def _journal(self, op, key, flags, exptime, cas, value):
+        """Hand a new change to the journal (which may refuse it by raising),
+        then remember what it replaces, for rollback()."""
+        if self.journal is None:
+            return
+        self.journal(op, key, flags, exptime, cas, value)
+        if op == OP_FLUSH:
+            if self.undo_flush is None:
+                self.undo_flush = (self.flush_cas, self.flush_deadline)
+        elif key not in self.undo:
+            prior = self.pending.get(key, MISSING)
+            self.undo[key] = (prior, prior.exptime if isinstance(prior, Item) else 0)
+
+    def _layer_size(self, key, entry):
+        """Size stored under key given its pending entry (MISSING: the engine's)."""
+        if entry is MISSING:
+            size = self.engine.size(key)
+            return None if size is None else len(key) + size
+        return entry.size if entry else None
+
+    def _decode(self, key, record):
+        """The Item of an engine row, or None (logged once) when it does not decode."""
+        try:
+            return Item.from_record(key, record)
+        except struct.error:
+            if key not in self.damaged:
+                if len(self.damaged) < DAMAGED_KEYS_LOGGED:
+                    log.error("store: the row of key %r does not decode (%d bytes); treating "
+                              "it as absent (`memtool.py check` reports such rows)", key,
+                              len(record))
+                self.damaged.add(key)
+            return None
 
     def _flush(self, deadline, threshold):
         self.meta_dirty = True
@@ -1451,13 +1677,17 @@ class Store:
             if item is None:
                 return None
         else:
-            record = self.engine.get(key)
-            if record is None:
+            try:
+                record = self.engine.get(key)
+            except self.engine.errors as err:
+                log.error("store: reading key %r failed: %s", key, err)
+                raise STORE_UNREADABLE from None
+            item = None if record is None else self._decode(key, record)
+            if item is None:
                 # Remember the miss: a get-heavy client asking for absent keys
                 # would otherwise cost one engine lookup per request.
                 self._cache_put(key, ABSENT)
                 return None
-            item = Item.from_record(key, record)
             item.atime = -self.now
         if (item.exptime and item.exptime <= self.now) or item.cas < self.flush_cas:
             self._reap(key, item)
@@ -1470,6 +1700,8 @@ class Store:
             self.get_flushed += 1
         else:
             self.get_expired += 1
+            if item.atime <= 0:
+                self.expired_unfetched += 1
         self._remove(key, item.size)
 
     def _concat(self, key, value, at_end):
@@ -1491,9 +1723,8 @@ class Store:
         """
         if cas is None:
             self.last_cas = cas = self.last_cas + 1
-            if self.journal is not None:
-                self.journal(OP_SET | (state & PERSISTED_STATE) << 4, key, flags, exptime,
-                             cas, value)
+            self._journal(OP_SET | (state & PERSISTED_STATE) << 4, key, flags, exptime, cas,
+                          value)
         item = Item(key, flags, exptime, cas, value, state)
         item.atime = -self.now
         if old_size is None:
@@ -1553,6 +1784,8 @@ class Store:
                 self.curr_items -= 1
                 self.bytes -= victim.size
                 self.evictions += 1
+                if victim.atime <= 0:
+                    self.evicted_unfetched += 1
 
 
 # ===== 6. Update log =========================================================
@@ -1577,26 +1810,197 @@ class Store:
 #       key      keylen bytes
 #       value    the rest of the body
 #
-# A crash can tear only the tail of the newest file: recovery stops at the
-# first record whose magic, length or crc32 is wrong and cuts the file there.
 # Records of one loop pass are written with one write(); --sync decides when
 # they reach the disk: always (fsync before any reply leaves), everysec (a
-# timer), no (the OS decides).
+# timer), no (the OS decides). A write or fsync that fails (ENOSPC, EIO) is
+# cut back off the file and the pass's writes are not acknowledged; the log
+# then refuses writes until it can be written again. A crash can leave only
+# an unfinished last record in the newest file (or one ending in zeros,
+# where the file grew before its data reached the disk): start-up cuts that.
+# Any other damage stops the start until `memtool.py check --data DIR
+# --fix` repairs it.
+# Positions are [file name, offset] lists (JSON-friendly), always at a
+# record boundary. When old files are pruned, ulog/PRUNED names the newest
+# one deleted: the log no longer holds every change since the store began.
 
 ULOG_MAGIC = 0xC9
 ULOG_FRAME = struct.Struct("<BII")
 ULOG_BODY = struct.Struct("<QIBIqQH")
+ULOG_RECORD_MAX = (1 << 30) + (64 << 10)   # a body longer than the largest item is damage
 ULOG_SUFFIX = ".ulog"
+ULOG_PRUNED = "PRUNED"
+ULOG_READ_BYTES = 1 << 20       # replay and check read files this much at a time
+ULOG_RETRY_SECONDS = 1.0        # an unwritable log is tried again this often
+ULOG_RETRY_ROOM = 64 << 10      # ... once the disk has this much more room than the failed write
 SYNC_MODES = ("always", "everysec", "no")
+OUT_OF_SPACE = ServerError.refusal(b"out of space")
+LOG_UNWRITABLE = ServerError.refusal(b"cannot write the update log")
+
+Record = collections.namedtuple("Record", "ts sid op key flags exptime cas value")
+
+
+def read_record(buf, pos):
+    """The record framed at buf[pos:]: (Record, offset past it), or None while
+    buf ends inside the frame. Raises LogCorrupt for a bad magic, length or crc32."""
+    if len(buf) - pos < ULOG_FRAME.size:
+        return None
+    magic, length, crc = ULOG_FRAME.unpack_from(buf, pos)
+    if magic != ULOG_MAGIC or not ULOG_BODY.size <= length <= ULOG_RECORD_MAX:
+        raise LogCorrupt("bad frame")
+    start = pos + ULOG_FRAME.size
+    end = start + length
+    if end > len(buf):
+        return None
+    body = buf[start:end]
+    if zlib.crc32(body) != crc:
+        raise LogCorrupt("crc32 mismatch")
+    ts, sid, op, flags, exptime, cas, keylen = ULOG_BODY.unpack_from(body)
+    key_end = ULOG_BODY.size + keylen
+    if key_end > length:
+        raise LogCorrupt("key longer than the record")
+    return Record(ts, sid, op, bytes(body[ULOG_BODY.size:key_end]), flags, exptime, cas,
+                  bytes(body[key_end:])), end
+
+
+def encode_record(record):
+    """A Record as the bytes of its frame."""
+    body = b"".join((ULOG_BODY.pack(record.ts, record.sid, record.op, record.flags,
+                                    record.exptime, record.cas, len(record.key)),
+                     record.key, record.value))
+    return ULOG_FRAME.pack(ULOG_MAGIC, len(body), zlib.crc32(body)) + body
+
+
+def next_record_at(buf, pos):
+    """Offset of the first whole, good record at or after pos; -1 when none."""
+    magic = bytes((ULOG_MAGIC,))
+    while True:
+        pos = buf.find(magic, pos)
+        if pos < 0:
+            return -1
+        try:
+            if read_record(buf, pos) is not None:
+                return pos
+        except LogCorrupt:
+            pass
+        pos += 1
+
+
+def ulog_names(directory):
+    """The ulog file names in directory, oldest first."""
+    return sorted(n for n in os.listdir(directory) if n.endswith(ULOG_SUFFIX))
+
+
+def _is_torn_tail(buf, pos, newest):
+    """Is buf[pos:], the end of a file, what a crash mid-write leaves: a last
+    record that is unfinished or ends the file in zeros (the file grew before
+    its data reached the disk), with no good record after? Only the newest
+    file may end so."""
+    if not newest or next_record_at(buf, pos + 1) >= 0:
+        return False
+    if buf.endswith(b"\0"):
+        return True
+    try:
+        return read_record(buf, pos) is None
+    except LogCorrupt:
+        return False
+
+
+class LogReader:
+    """The records of a ulog directory from a position on, read a chunk at a time.
+
+    position: [file name, offset] (UpdateLog.position), or None for the start
+    of the oldest kept file; a position in a file that is gone starts at the
+    oldest file after it. records() yields each Record, with `position` just
+    past it meanwhile. It never changes a file. Raises LogDamaged where a
+    record cannot be read (its `torn` says whether it is the unfinished end
+    of the newest file that a crash leaves).
+    """
+
+    def __init__(self, directory, position=None):
+        self.directory = directory          # the ulog directory
+        self.name, self.offset = position or (None, 0)  # where the next record starts
+
+    @property
+    def position(self):
+        return [self.name, self.offset]
+
+    def records(self):
+        names = ulog_names(self.directory)
+        if self.name not in names:
+            later = [n for n in names if self.name is None or n > self.name]
+            if not later:
+                return
+            self.name, self.offset = later[0], 0
+        for name in names[names.index(self.name):]:
+            if name != self.name:
+                self.name, self.offset = name, 0
+            yield from self._read_file(name == names[-1])
+
+    def _read_file(self, newest):
+        path = os.path.join(self.directory, self.name)
+        with open(path, "rb") as f:
+            f.seek(self.offset)
+            buf, pos = b"", 0
+            while True:
+                chunk = f.read(ULOG_READ_BYTES)
+                buf = buf[pos:] + chunk
+                pos = 0
+                try:
+                    while True:
+                        found = read_record(buf, pos)
+                        if found is None:
+                            break
+                        record, end = found
+                        self.offset += end - pos
+                        pos = end
+                        yield record
+                except LogCorrupt:
+                    buf += f.read()
+                    raise LogDamaged(path, self.offset, _is_torn_tail(buf, pos, newest)) from None
+                if not chunk:
+                    if pos < len(buf):
+                        raise LogDamaged(path, self.offset, _is_torn_tail(buf, pos, newest))
+                    return
+
+
+def scan_ulog_file(path):
+    """What a whole ulog file holds: (records, good byte ranges, damaged ranges).
+
+    Ranges are (start, end) offsets; a damaged range runs from a record that
+    cannot be read to the next good one (or the end of the file).
+    """
+    with open(path, "rb") as f:
+        buf = f.read()
+    records, good, damaged = 0, [], []
+    pos = start = 0
+    while pos < len(buf):
+        try:
+            found = read_record(buf, pos)
+        except LogCorrupt:
+            found = None
+        if found is not None:
+            records += 1
+            pos = found[1]
+            continue
+        if start < pos:
+            good.append((start, pos))
+        resume = next_record_at(buf, pos + 1)
+        damaged.append((pos, len(buf) if resume < 0 else resume))
+        if resume < 0:
+            return records, good, damaged
+        pos = start = resume
+    if start < pos:
+        good.append((start, pos))
+    return records, good, damaged
 
 
 class UpdateLog:
-    """Writer and reader of the ulog directory.
+    """The writer of the ulog directory (one per directory: it holds a lock).
 
     directory: where the .ulog files live (created). sid: this server's id,
     stamped on every record. sync: one of SYNC_MODES. limit: bytes after
     which a new file is started. keep: rotated files kept besides the
-    current one. Positions are [file name, byte offset] lists (JSON-friendly).
+    current one. Call open() (after replaying with LogReader) before appending.
     """
 
     def __init__(self, directory, sid=1, sync="everysec", limit=ULOG_LIMIT_DEFAULT,
@@ -1611,37 +2015,35 @@ class UpdateLog:
         self.pending = []            # encoded records of the current batch
         self.last_ts = 0             # keeps timestamps strictly increasing
         self.unsynced = False        # written since the last fsync
-        self.file = None             # current file, opened by _open_current()
+        self.fd = None               # current file, opened by open()
         self.name = None             # its name
         self.offset = 0              # its size: where the next record goes
+        self.error = None            # the OSError of the last failed write/fsync, until
+                                     # a write succeeds again
+        self.refusing = False        # append() refuses: the log cannot be written now
+        self.retry_at = 0.0          # monotonic time when writes are tried again
+        self.cut_to = None           # offset the file must be cut back to first
+        self.failed_bytes = 0        # size of the write that failed
 
-    def names(self):
-        """The ulog file names, oldest first."""
-        return sorted(n for n in os.listdir(self.directory) if n.endswith(ULOG_SUFFIX))
+    def open(self):
+        """Open the newest file (a new one if there is none) for appending."""
+        names = ulog_names(self.directory)
+        if names:
+            self.last_ts = max(self.last_ts, int(names[-1][:-len(ULOG_SUFFIX)]))
+        self._open_file(names[-1] if names else None)
 
-    def replay(self, position=None):
-        """Yield (ts, sid, op, key, flags, exptime, cas, value) after `position`.
-
-        Call once, before appending. position None (or a file that is gone)
-        replays every kept file. A bad record in the newest file is cut off
-        there; in an older file the rest of that file is skipped with a
-        warning. Afterwards the newest file is open for appending.
-        """
-        names = self.names()
-        start_name, start_offset = position or (None, 0)
-        if start_name not in names:
-            start_name, start_offset = None, 0
-        for name in names:
-            if start_name is not None and name < start_name:
-                continue
-            offset = start_offset if name == start_name else 0
-            for record in self._read_file(name, offset, newest=name == names[-1]):
-                self.last_ts = max(self.last_ts, record[0])
-                yield record
-        self._open_current(names[-1] if names else None)
+    def cut(self, name, offset):
+        """Cut a torn tail off file `name` at offset (before open())."""
+        os.truncate(os.path.join(self.directory, name), offset)
 
     def append(self, op, key, flags, exptime, cas, value):
-        """Queue one record for this batch (written by flush())."""
+        """Queue one record for this batch (written by flush()).
+
+        Raises OUT_OF_SPACE or LOG_UNWRITABLE while the log cannot be written,
+        so the caller changes nothing it could not log.
+        """
+        if self.refusing and not self._retry():
+            raise self.refusal
         ts = int(time.time() * 1e6)
         if ts <= self.last_ts:
             ts = self.last_ts + 1
@@ -1652,26 +2054,43 @@ class UpdateLog:
         self.pending.append(body)
 
     def flush(self):
-        """Write the batch with one write(); fsync under --sync always; rotate."""
+        """Write the batch with one write(); fsync under --sync always; rotate.
+
+        True when the batch is in the log (and on disk, under always). False
+        when it is not: the batch is dropped, what reached the file is cut
+        back off, and writes are refused until the log can be written again;
+        the caller must not acknowledge the batch.
+        """
         if not self.pending:
-            return
+            return True
         data = b"".join(self.pending)
         self.pending.clear()
-        self.file.write(data)
-        self.file.flush()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            if self.sync_mode == "always":
+                os.fsync(self.fd)
+        except OSError as err:
+            self._fail(err, len(data), self.offset)
+            return False
         self.offset += len(data)
-        self.unsynced = True
-        if self.sync_mode == "always":
-            self.sync()
+        self.unsynced = self.sync_mode != "always"
+        if self.error is not None:
+            log.warning("update log %s: writable again", self.directory)
+            self.error = None
         if self.offset >= self.limit:
-            self.sync()
-            self.file.close()
-            self._open_current(None)
+            self._rotate()
+        return True
 
     def sync(self):
         """fsync the current file if anything was written since the last one."""
-        if self.unsynced and self.file is not None:
-            os.fsync(self.file.fileno())
+        if self.unsynced and self.fd is not None:
+            try:
+                os.fsync(self.fd)
+            except OSError as err:
+                self._fail(err, 0, None)
+                return
             self.unsynced = False
 
     @property
@@ -1679,23 +2098,94 @@ class UpdateLog:
         """[file name, offset] just past the last record written."""
         return [self.name, self.offset]
 
+    @property
+    def refusal(self):
+        """The ServerError that writes get while the log cannot be written."""
+        if self.error is not None and self.error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return OUT_OF_SPACE
+        return LOG_UNWRITABLE
+
     def prune(self, position):
         """Delete rotated files beyond `keep`, never one at or after `position`.
 
         position: how far the store is checkpointed; older records are only
         needed by peers that are behind, which is what `keep` is for.
         """
-        old = [n for n in self.names() if n < position[0]]
-        for name in old[:max(0, len(old) - self.keep)]:
-            os.remove(os.path.join(self.directory, name))
+        old = [n for n in ulog_names(self.directory) if n < position[0]]
+        doomed = old[:max(0, len(old) - self.keep)]
+        if not doomed:
+            return
+        try:
+            marker = os.path.join(self.directory, ULOG_PRUNED)
+            with open(marker + ".tmp", "w") as f:
+                f.write(doomed[-1] + "\n")
+            os.replace(marker + ".tmp", marker)
+            for name in doomed:
+                os.remove(os.path.join(self.directory, name))
+        except OSError as err:
+            log.warning("update log %s: cannot prune old files: %s", self.directory, err)
 
     def close(self):
-        if self.file is not None:
-            self.flush()
+        """Write and fsync what is queued, then release the directory.
+
+        Returns flush()'s verdict on the last batch."""
+        written = True
+        if self.fd is not None:
+            written = self.flush()
             self.sync()
-            self.file.close()
-            self.file = None
+            os.close(self.fd)
+            self.fd = None
         self.lock.close()
+        return written
+
+    def _retry(self):
+        """Has the time come to try writing again, and does it look possible?"""
+        if time.monotonic() < self.retry_at:
+            return False
+        self.retry_at = time.monotonic() + ULOG_RETRY_SECONDS
+        try:
+            if self.cut_to is not None:
+                os.ftruncate(self.fd, self.cut_to)
+                self.cut_to = None
+            if self.unsynced:
+                os.fsync(self.fd)
+                self.unsynced = False
+            if self.error.errno in (errno.ENOSPC, errno.EDQUOT):
+                room = os.statvfs(self.directory)
+                if room.f_bavail * room.f_frsize < self.failed_bytes + ULOG_RETRY_ROOM:
+                    return False
+        except OSError:
+            return False
+        self.refusing = False
+        return True
+
+    def _fail(self, err, nbytes, cut_to):
+        if self.error is None:
+            log.error("update log %s: %s; refusing writes until it can be written "
+                      "(retrying every %g s)", self.directory, err, ULOG_RETRY_SECONDS)
+        self.error = err
+        self.refusing = True
+        self.failed_bytes = nbytes
+        self.retry_at = time.monotonic() + ULOG_RETRY_SECONDS
+        if cut_to is not None:
+            self.cut_to = cut_to
+            try:
+                os.ftruncate(self.fd, cut_to)
+                self.cut_to = None
+            except OSError:
+                pass   # _retry() cuts it before anything else is written
+
+    def _rotate(self):
+        """Start a new file; on failure keep appending to this one."""
+        try:
+            os.fsync(self.fd)
+            self.unsynced = False
+            old = self.fd
+            self._open_file(None)
+        except OSError as err:
+            log.warning("update log %s: cannot start a new file: %s", self.directory, err)
+            return
+        os.close(old)
 
     @staticmethod
     def _lock(directory):
@@ -1713,63 +2203,25 @@ class UpdateLog:
         lock.flush()
         return lock
 
-    def _read_file(self, name, offset, newest):
-        path = os.path.join(self.directory, name)
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-        pos = 0   # end of the last good record
-        try:
-            for pos, record in self._parse(data):
-                yield record
-        except LogCorrupt as err:
-            if not newest:
-                log.warning("ulog %s: %s at offset %d; skipping the rest of the file",
-                            name, err, offset + pos)
-                return
-            log.warning("ulog %s: %s at offset %d; cutting the torn tail (%d bytes)",
-                        name, err, offset + pos, len(data) - pos)
-            with open(path, "r+b") as f:
-                f.truncate(offset + pos)
-
-    @staticmethod
-    def _parse(data):
-        """Yield (offset just past the record, record) for each good record in data."""
-        pos, end = 0, len(data)
-        while pos < end:
-            if end - pos < ULOG_FRAME.size:
-                raise LogCorrupt("short frame")
-            magic, length, crc = ULOG_FRAME.unpack_from(data, pos)
-            start = pos + ULOG_FRAME.size
-            if magic != ULOG_MAGIC or length < ULOG_BODY.size or start + length > end:
-                raise LogCorrupt("bad frame")
-            body = data[start:start + length]
-            if zlib.crc32(body) != crc:
-                raise LogCorrupt("crc32 mismatch")
-            ts, sid, op, flags, exptime, cas, keylen = ULOG_BODY.unpack_from(body)
-            key_end = ULOG_BODY.size + keylen
-            pos = start + length
-            yield pos, (ts, sid, op, body[ULOG_BODY.size:key_end], flags, exptime, cas,
-                        body[key_end:])
-
-    def _open_current(self, name):
+    def _open_file(self, name):
         if name is None:
             name = "%020d%s" % (max(int(time.time() * 1e6), self.last_ts + 1), ULOG_SUFFIX)
-        self.name = name
-        self.file = open(os.path.join(self.directory, name), "ab")
-        self.offset = self.file.tell()
-
+        fd = os.open(os.path.join(self.directory, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                     0o644)
+        self.fd, self.name, self.offset = fd, name, os.lseek(fd, 0, os.SEEK_END)
 
 
 # ===== 7. Event loop and connections =========================================
 #
 # One selectors loop per process. A pass of the loop is: wait for events,
 # let every ready connection read and handle what it got (handlers queue
-# replies, they never send), run due timers, run the end-of-pass hooks (the
-# server's group commit: one ulog write, fsync if asked, one store commit),
-# then give every connection with queued replies one send(). Replies thus
-# leave only after the changes they acknowledge are in the log, and a
-# pipelined batch costs one system call each way.
+# replies, they never send), run what was deferred to this pass (a
+# connection that used up its share of a pass goes on here), run due
+# timers, run the end-of-pass hooks (the server's group commit: one ulog
+# write, fsync if asked, one store commit), then give every connection with
+# queued replies one send(). Replies thus leave only after the changes they
+# acknowledge are in the log, and a pipelined batch costs one system call
+# each way. An exception from a callback is logged, never fatal.
 
 
 class Timer:
@@ -1796,6 +2248,7 @@ class EventLoop:
         self.ready_hooks = []        # called after each wait, before events are handled
         self.pass_hooks = []         # called at the end of every pass, before sends
         self.to_flush = []           # connections with replies queued this pass
+        self.soon = []               # callbacks for the next pass (call_soon)
         self.running = False
         self.signal_handlers = {}    # signum -> callback
         self.wakeup = None           # (reader, writer) socketpair for signals
@@ -1809,9 +2262,13 @@ class EventLoop:
     def call_every(self, interval, callback):
         """Run callback() every `interval` seconds until the loop stops."""
         def tick():
-            callback()
             self.call_later(interval, tick)
+            callback()
         return self.call_later(interval, tick)
+
+    def call_soon(self, callback):
+        """Run callback() in the next pass, without waiting for events first."""
+        self.soon.append(callback)
 
     def add_signal_handler(self, signum, callback):
         """Run callback() in the loop (not in the signal handler) when signum arrives."""
@@ -1831,16 +2288,20 @@ class EventLoop:
         while self.running:
             events = select(self._timeout())
             for hook in self.ready_hooks:
-                hook()
+                self._call(hook)
             for key, mask in events:
-                key.data(mask)
+                self._call(key.data, mask)
+            if self.soon:
+                callbacks, self.soon = self.soon, []
+                for callback in callbacks:
+                    self._call(callback)
             self._run_timers()
             self.end_pass()
 
     def end_pass(self):
         """Run the end-of-pass hooks, then send every queued reply."""
         for hook in self.pass_hooks:
-            hook()
+            self._call(hook)
         if self.to_flush:
             connections, self.to_flush = self.to_flush, []
             for conn in connections:
@@ -1856,8 +2317,15 @@ class EventLoop:
                 sock.close()
         self.selector.close()
 
+    @staticmethod
+    def _call(callback, *args):
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("unexpected error in %r; going on", callback)
+
     def _timeout(self):
-        if self.to_flush:
+        if self.to_flush or self.soon:
             return 0   # replies queued outside a pass (e.g. before run()) go out now
         while self.timers and self.timers[0][2].cancelled:
             heapq.heappop(self.timers)
@@ -1870,7 +2338,7 @@ class EventLoop:
         while self.timers and self.timers[0][0] <= current:
             timer = heapq.heappop(self.timers)[2]
             if not timer.cancelled:
-                timer.callback()
+                self._call(timer.callback)
 
     def _on_signal(self, mask):
         try:
@@ -1893,7 +2361,9 @@ class Connection:
     no copies. When the peer does not read its replies and more than
     OUTPUT_HIGH_WATER bytes back up, reading stops until they drain. A
     subclass that stopped parsing for the same reason sets `paused`; resume()
-    is then called on a later pass, once the replies have drained.
+    is then called on a later pass, once the replies have drained. One that
+    used up its share of a pass calls hold(): reading stops and resume() is
+    called in the next pass.
     """
 
     def __init__(self, loop, sock, addr):
@@ -1906,6 +2376,7 @@ class Connection:
         self.unsent = collections.deque()  # chunks (or their tails) the kernel did not take
         self.unsent_bytes = 0        # ... and their total size
         self.paused = False          # stopped parsing until replies drain (see resume)
+        self.held = False            # stopped reading until resume() in the next pass
         self.queued = False          # in loop.to_flush already
         self.closing = False         # close once everything is sent
         self.closed = False
@@ -2020,7 +2491,22 @@ class Connection:
         self.close()
 
     def resume(self):
-        """Replies backed up and drained again; a subclass that paused parses on."""
+        """Replies backed up and drained again, or the pass after hold(): a
+        subclass that stopped parsing parses on."""
+
+    def hold(self):
+        """Stop reading; call resume() in the next pass (see the class docstring)."""
+        if not self.held:
+            self.held = True
+            self.loop.call_soon(self._release)
+            self._update_events()
+
+    def _release(self):
+        self.held = False
+        if not self.closed:
+            self.resume()
+            if not (self.held or self.closed):
+                self._update_events()
 
     def _send(self, data, many=False):
         """sock.send(data), or sock.sendmsg(data) for a list of chunks (many):
@@ -2061,7 +2547,7 @@ class Connection:
         if self.unsent:
             events |= selectors.EVENT_WRITE
         backed_up = self.unsent_bytes >= OUTPUT_HIGH_WATER
-        if not backed_up and not self.closing:
+        if not (backed_up or self.closing or self.held):
             events |= selectors.EVENT_READ
             if self.paused:
                 self.paused = False
@@ -2072,34 +2558,65 @@ class Connection:
 
 
 class Listener:
-    """A listening TCP socket that calls factory(sock, addr) for each new client."""
+    """A listening TCP socket that calls factory(sock, addr) for each new client.
+
+    The port is bound at once; clients wait in the backlog until the loop
+    runs. When accept() fails for want of descriptors or memory (EMFILE,
+    ENFILE, ENOBUFS, ENOMEM), accepting stops for ACCEPT_RETRY_SECONDS
+    (memcached's listen_disabled_num counts these), instead of the
+    listener staying readable and the loop spinning.
+    """
 
     def __init__(self, loop, host, port, factory, backlog=1024):
         self.loop = loop
-        self.factory = factory
+        self.factory = factory       # called with each accepted (sock, addr)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.create_server((host, port), family=family, backlog=backlog)
         self.sock.setblocking(False)
         self.address = self.sock.getsockname()[:2]
+        self.accepting = True        # registered for accepts (not paused, not closed)
+        self.disabled = 0            # times accepting was paused
+        self.disabled_seconds = 0.0  # ... and for how long in all
         loop.selector.register(self.sock, selectors.EVENT_READ, self._on_accept)
 
     def close(self):
         if self.sock is not None:
-            self.loop.selector.unregister(self.sock)
+            if self.accepting:
+                self.loop.selector.unregister(self.sock)
             self.sock.close()
             self.sock = None
+            self.accepting = False
 
     def _on_accept(self, mask):
         for _ in range(64):   # bounded, so a connect storm cannot starve clients
             try:
                 sock, addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
-            except OSError as err:   # EMFILE and friends: try again next pass
-                log.warning("accept failed: %s", err)
+            except OSError as err:
+                if err.errno not in ACCEPT_EXHAUSTED:
+                    log.warning("accept failed: %s", err)
+                    return
+                self._pause(err)
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.factory(sock, addr)
+
+    def _pause(self, err):
+        if not self.disabled:
+            log.error("accept failed: %s; not accepting for %g s at a time until it "
+                      "succeeds (stats: listen_disabled_num)", err, ACCEPT_RETRY_SECONDS)
+        self.disabled += 1
+        self.accepting = False
+        self.loop.selector.unregister(self.sock)
+        paused_at = time.monotonic()
+
+        def resume():
+            self.disabled_seconds += time.monotonic() - paused_at
+            if self.sock is not None:
+                self.accepting = True
+                self.loop.selector.register(self.sock, selectors.EVENT_READ, self._on_accept)
+        self.loop.call_later(ACCEPT_RETRY_SECONDS, resume)
 
 
 # ===== 8. Server =============================================================
@@ -2111,16 +2628,17 @@ class Listener:
 # its data block has not fully arrived. Errors are raised as ProtocolError
 # and written in one place, unless the command said noreply.
 
-UNKNOWN = UnknownCommand()
+UNKNOWN = UnknownCommand
 STATUS_LINES = {ST_STORED: STORED, ST_NOT_STORED: NOT_STORED, ST_EXISTS: EXISTS,
                 ST_NOT_FOUND: NOT_FOUND, ST_DELETED: DELETED}
 META_STATUS = {ST_STORED: b"HD", ST_NOT_STORED: b"NS", ST_EXISTS: b"EX", ST_NOT_FOUND: b"NF"}
 CAS_COUNTERS = {ST_STORED: "cas_hits", ST_EXISTS: "cas_badval", ST_NOT_FOUND: "cas_misses"}
 HTTP_REASONS = {100: b"Continue", 200: b"OK", 201: b"Created", 400: b"Bad Request",
-                404: b"Not Found", 405: b"Method Not Allowed", 409: b"Conflict",
-                412: b"Precondition Failed", 413: b"Payload Too Large",
+                403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
+                409: b"Conflict", 412: b"Precondition Failed", 413: b"Payload Too Large",
                 431: b"Request Header Fields Too Large", 501: b"Not Implemented",
-                505: b"HTTP Version Not Supported"}
+                503: b"Service Unavailable", 505: b"HTTP Version Not Supported",
+                507: b"Insufficient Storage"}
 HTTP_METHODS = (b"GET", b"HEAD", b"PUT", b"POST", b"DELETE")
 HTTP_ALLOW_ALL = b"Allow: GET, HEAD, PUT, POST, DELETE\r\n"
 HTTP_ALLOW_ROOT = b"Allow: GET, HEAD\r\n"
@@ -2132,7 +2650,29 @@ SERVER_COUNTERS = (
     "total_connections", "rejected_connections", "cmd_get", "cmd_set", "cmd_flush",
     "cmd_touch", "cmd_meta", "get_hits", "get_misses", "delete_misses", "delete_hits",
     "incr_misses", "incr_hits", "decr_misses", "decr_hits", "cas_misses", "cas_hits", "cas_badval",
-    "touch_hits", "touch_misses", "store_too_large", "bytes_read", "bytes_written")
+    "touch_hits", "touch_misses", "store_too_large", "store_no_memory", "bytes_read",
+    "bytes_written", "conn_yields")
+# `stats` as memcached 1.6.18 prints it, name for name and in its order, so that
+# monitoring tools find what they expect; names memtool has no use for are 0.
+MEMCACHED_STATS = (
+    "pid uptime time version libevent pointer_size rusage_user rusage_system "
+    "max_connections curr_connections total_connections rejected_connections "
+    "connection_structures response_obj_oom response_obj_count response_obj_bytes "
+    "read_buf_count read_buf_bytes read_buf_bytes_free read_buf_oom reserved_fds cmd_get "
+    "cmd_set cmd_flush cmd_touch cmd_meta get_hits get_misses get_expired get_flushed "
+    "delete_misses delete_hits incr_misses incr_hits decr_misses decr_hits cas_misses "
+    "cas_hits cas_badval touch_hits touch_misses store_too_large store_no_memory auth_cmds "
+    "auth_errors bytes_read bytes_written limit_maxbytes accepting_conns "
+    "listen_disabled_num time_in_listen_disabled_us threads conn_yields hash_power_level "
+    "hash_bytes hash_is_expanding slab_reassign_rescues slab_reassign_chunk_rescues "
+    "slab_reassign_evictions_nomem slab_reassign_inline_reclaim slab_reassign_busy_items "
+    "slab_reassign_busy_deletes slab_reassign_running slabs_moved lru_crawler_running "
+    "lru_crawler_starts lru_maintainer_juggles malloc_fails log_worker_dropped "
+    "log_worker_written log_watcher_skipped log_watcher_sent log_watchers "
+    "unexpected_napi_ids round_robin_fallback bytes curr_items total_items "
+    "slab_global_page_pool expired_unfetched evicted_unfetched evicted_active evictions "
+    "reclaimed crawler_reclaimed crawler_items_checked lrutail_reflocked moves_to_cold "
+    "moves_to_warm moves_within_lru direct_reclaims lru_bumps_dropped").split()
 
 
 class ServerConnection(Connection):
@@ -2144,9 +2684,18 @@ class ServerConnection(Connection):
         self.store = server.store    # the Store every command works on
         self.stats = server.stats    # server-wide counters
         self.inbuf = b""             # bytes of an incomplete command
+        self.backlog = None          # (buffer, offset): complete commands left unparsed
+                                     # when the share of a pass ran out (hold, pause)
         self.need = 0                # don't parse until inbuf holds this many bytes
         self.swallow = 0             # bytes of a refused data block still to discard
+        self.reserved = 0            # bytes of an incomplete data block counted in
+                                     # server.held_bytes
+        self.share = 0               # requests left in this pass's share (-R)
+        self.continuation = None     # (keys, next index, exptime, with_cas) of a
+                                     # multiget cut by the share
+        self.batch_start = -1        # outbuf index of this pass's first logged write
         self.noreply = False         # the current command said noreply
+        self.process = self._sniff   # the parser for what arrives (process, process_http)
         self.http_close = False      # HTTP: close after the reply being built
         self.http_keep_alive_10 = False  # HTTP/1.0 request that asked for keep-alive
         self.http_continued = False  # HTTP: 100 Continue sent for the pending request
@@ -2154,38 +2703,61 @@ class ServerConnection(Connection):
                                      # of a request whose chunked body is arriving
 
     def data_received(self, data):
-        if self.swallow:
-            skip = min(self.swallow, len(data))
-            self.swallow -= skip
-            data = data[skip:]
-            if not data:
-                return
-        if self.inbuf:
-            self.inbuf += data
-            if len(self.inbuf) < self.need:
-                return
-            data = bytes(self.inbuf)
-        pos = self.process(data)
-        self.inbuf = bytearray(data[pos:]) if pos < len(data) else b""
+        start = 0
+        if self.backlog is not None:
+            held, start = self.backlog
+            self.backlog = None
+            if data:                 # read while paused: rare, so copying is fine
+                data, start = held[start:] + data, 0
+            else:
+                data = held
+        else:
+            if self.swallow:
+                skip = min(self.swallow, len(data))
+                self.swallow -= skip
+                data = data[skip:]
+                if not data and not self.continuation:
+                    return
+            if self.inbuf:
+                self.inbuf += data
+                if len(self.inbuf) < self.need:
+                    return
+                data = bytes(self.inbuf)
+        self.server.current = self
+        pos = self.process(data, start)
+        self.server.current = None
+        if pos >= len(data):
+            self.inbuf = b""
+        elif self.held or self.paused:
+            self.inbuf = b""
+            self.backlog = (data, pos)
+        else:
+            self.inbuf = bytearray(data[pos:])
 
-    def process(self, buf):
-        """Handle every complete command in buf; return the offset of the rest."""
-        pos, end = 0, len(buf)
+    def process(self, buf, pos=0):
+        """Handle the complete commands in buf[pos:], up to this pass's share;
+        return the offset of the rest."""
+        end = len(buf)
         handlers = HANDLERS
         outbuf, check_at = self.outbuf, self.check_at
+        self.share = self.server.reqs_per_event
+        if self.continuation is not None:
+            self._retrieve_part(*self.continuation)
         while pos < end and not self.closing:
             if len(outbuf) > check_at:
                 if self.backed_up():
                     return self._pause(pos)
                 check_at = self.check_at
+            self.share -= 1
+            if self.share < 0:
+                return self._yield(pos)
             eol = buf.find(b"\n", pos)
             if eol < 0:
                 waiting = end - pos
                 if waiting > LINE_MAX_BYTES and not (
                         waiting <= MULTIGET_LINE_MAX_BYTES and is_long_get(buf, pos)):
                     if HTTP_REQUEST_START.match(buf, pos):   # a long URL: HTTP's limits
-                        self.process = self.process_http
-                        return pos + self.process_http(buf[pos:])
+                        return self._switch_to_http(buf, pos)
                     raise Disconnect
                 self.need = 0
                 return pos
@@ -2195,9 +2767,7 @@ class ServerConnection(Connection):
                 handler = handlers.get(tokens[0]) if tokens else None
                 if handler is None:
                     if tokens and tokens[-1].startswith(b"HTTP/"):
-                        # An HTTP client: the connection speaks HTTP from here on.
-                        self.process = self.process_http
-                        return pos + self.process_http(buf[pos:])
+                        return self._switch_to_http(buf, pos)
                     raise UNKNOWN
                 after = handler(self, tokens, buf, eol + 1)
             except ProtocolError as err:
@@ -2209,11 +2779,37 @@ class ServerConnection(Connection):
                 return pos
             pos = after
         self.need = 0
+        if self.continuation is not None and not self.closing:
+            return self._yield(pos)
         return end if self.closing else pos
+
+    def _sniff(self, buf, pos=0):
+        """The first bytes: a binary-protocol request (magic 0x80) is closed at
+        once, since memtool does not speak it and the client would wait forever."""
+        del self.process
+        if buf[pos:pos + 1] == b"\x80":
+            log.warning("%s: a memcached binary-protocol request; memtool speaks the text "
+                        "and meta protocols only, closing", self.addr)
+            raise Disconnect
+        return self.process(buf, pos)
 
     def reply(self, line):
         if not self.noreply:
             self.write(line)
+
+    def refuse_batch(self, error):
+        """The log could not take this pass's writes: answer the first with error
+        (a ServerError class), drop every reply after it (they may show what
+        was not kept) and everything unparsed, and close."""
+        del self.outbuf[self.batch_start:]
+        self.batch_start = -1
+        self.continuation = self.backlog = None
+        if self.process == self.process_http:
+            self.http_close = True
+            self._http_reply(507 if error is OUT_OF_SPACE else 503, detail=error.why)
+        else:
+            self.write(error.line)
+        self.close_when_sent()
 
     def _pause(self, pos):
         """Replies to this read pass the high-water mark: keep the rest of the
@@ -2223,12 +2819,29 @@ class ServerConnection(Connection):
         self.need = 0
         return pos
 
+    def _yield(self, pos):
+        """This pass's share (-R requests) is used up: go on in the next pass, so
+        one busy client cannot keep the others waiting."""
+        self.stats["conn_yields"] += 1
+        self.need = 0
+        self.hold()
+        return pos
+
+    def _switch_to_http(self, buf, pos):
+        """An HTTP request line: the connection speaks HTTP from here on."""
+        if not self.server.http:
+            log.info("%s: HTTP request, but HTTP is off (--no-http); closing", self.addr)
+            raise Disconnect
+        self.process = self.process_http
+        return self.process_http(buf, pos)
+
     def resume(self):
         if not self.closed:
             self.data_received(b"")
 
     def connection_lost(self):
         self.server.connections.discard(self)
+        self.server.release(self)
         self.stats["bytes_read"] += self.bytes_read
         self.stats["bytes_written"] += self.bytes_written
 
@@ -2270,13 +2883,18 @@ class ServerConnection(Connection):
         if len(tokens) < 2:
             raise UNKNOWN
         keys = tokens[first:]
-        for key in keys:
-            if len(key) > KEY_MAX_LENGTH:
-                raise BAD_FORMAT
+        if keys and max(map(len, keys)) > KEY_MAX_LENGTH:
+            raise BAD_FORMAT
+        self._retrieve_part(keys, 0, exptime, with_cas)
+
+    def _retrieve_part(self, keys, start, exptime, with_cas):
+        """VALUE blocks for keys[start:] as far as this pass's share goes (each
+        MULTIGET_KEYS_PER_REQUEST keys count as a request); END after the last."""
+        stop = min(len(keys), start + max(self.share, 1) * MULTIGET_KEYS_PER_REQUEST)
         lookup = self.store.get if exptime is None else self.store.touch
         args = () if exptime is None else (exptime,)
         out = []
-        for key in keys:
+        for key in keys[start:stop] if start or stop < len(keys) else keys:
             item = lookup(key, *args)
             if item is not None:
                 if with_cas:
@@ -2284,16 +2902,23 @@ class ServerConnection(Connection):
                 else:
                     out.append(item.rendered)
         hits = len(out) // 2 if with_cas else len(out)
-        out.append(END)
+        looked_up = stop - start
         stats = self.stats
         if exptime is None:
-            stats["cmd_get"] += len(keys)
+            stats["cmd_get"] += looked_up
             stats["get_hits"] += hits
-            stats["get_misses"] += len(keys) - hits
+            stats["get_misses"] += looked_up - hits
         else:
-            stats["cmd_touch"] += len(keys)
+            stats["cmd_touch"] += looked_up
             stats["touch_hits"] += hits
-            stats["touch_misses"] += len(keys) - hits
+            stats["touch_misses"] += looked_up - hits
+        self.share -= looked_up // MULTIGET_KEYS_PER_REQUEST
+        if stop < len(keys):
+            self.continuation = (keys, stop, exptime, with_cas)
+            self.share = 0
+        else:
+            self.continuation = None
+            out.append(END)
         self.writelines(out)
 
     # -- storage -------------------------------------------------------------
@@ -2331,7 +2956,11 @@ class ServerConnection(Connection):
         if value is None:
             return end
         args = (cas_unique,) if with_cas else ()
-        status = method(key, flags, exptime, value, *args)
+        try:
+            status = method(key, flags, exptime, value, *args)
+        except ProtocolError as err:      # the log or the store cannot take it now
+            self.reply(err.line)
+            return end
         if with_cas:
             self.stats[CAS_COUNTERS[status]] += 1
         self.reply(STATUS_LINES[status])
@@ -2341,20 +2970,32 @@ class ServerConnection(Connection):
         """The data block of a storage command at buf[pos:]: (end offset, value).
 
         None until it has all arrived. value is None when it is refused (too
-        large for -I, or not ended by CRLF) and the error reply is queued; a
-        too-large block is skipped without being held, and with drop_old the
+        large for -I; no room to hold it while it arrives, as memcached's item
+        allocation fails; not ended by CRLF) and the error reply is queued; a
+        refused block is skipped without being held, and with drop_old the
         key's current item is deleted, as memcached unlinks it.
         """
         end = pos + nbytes + 2
+        refusal = None
         if not item_size_ok(key, flags, nbytes, self.server.item_size_max):
             self.stats["store_too_large"] += 1
+            refusal = TOO_LARGE
+        elif end > len(buf) and not self.reserved and not self.server.reserve(self, nbytes):
+            self.stats["store_no_memory"] += 1
+            refusal = NO_MEMORY
+        if refusal is not None:
             if drop_old:
-                self.store.delete(key)
-            self.reply(TOO_LARGE.line)
+                try:
+                    self.store.delete(key)
+                except ProtocolError:
+                    pass     # the log refuses writes: the old item stays
+            self.reply(refusal.line)
             return self._skip_block(buf, end), None
         if end > len(buf):
             self.need = end
             return None
+        if self.reserved:
+            self.server.release(self)
         self.stats["cmd_set"] += 1
         if buf[end - 2:end] != CRLF:
             self.reply(BAD_DATA_CHUNK.line)
@@ -2501,8 +3142,12 @@ class ServerConnection(Connection):
             return end
         cas_unique = flags.get(67)                           # C
         binary = KEY_BINARY if 98 in flags else 0
-        status, item = self.store.store(mode, key, client_flags, flags.get(84, 0), value,
-                                        cas_unique, 73 in flags, binary)
+        try:
+            status, item = self.store.store(mode, key, client_flags, flags.get(84, 0), value,
+                                            cas_unique, 73 in flags, binary)
+        except ProtocolError as err:      # the log or the store cannot take it now
+            self.write(err.line)
+            return end
         if cas_unique is not None and mode in b"SR":
             self.stats[CAS_COUNTERS[status]] += 1
         if status == ST_STORED and 113 in flags:             # q
@@ -2626,14 +3271,19 @@ class ServerConnection(Connection):
     # request is answered once its whole body is in; framing errors answer
     # and close, every other refusal keeps the connection.
 
-    def process_http(self, buf):
-        """Handle every complete HTTP request in buf; return the offset of the rest."""
-        pos, end = 0, len(buf)
+    def process_http(self, buf, pos=0):
+        """Handle the complete HTTP requests in buf[pos:], up to this pass's
+        share; return the offset of the rest."""
+        end = len(buf)
         self.need = 0
+        self.share = self.server.reqs_per_event
         outbuf = self.outbuf
         while pos < end and not self.closing:
             if len(outbuf) > self.check_at and self.backed_up():
                 return self._pause(pos)
+            self.share -= 1
+            if self.share < 0:
+                return self._yield(pos)
             try:
                 if self.http_pending is not None:
                     pos = self._http_chunks(buf, pos)
@@ -2670,9 +3320,13 @@ class ServerConnection(Connection):
         if found is None:
             if len(buf) - pos >= HTTP_HEAD_MAX_BYTES:
                 raise HttpError(431)
+            eol = buf.find(b"\n", pos)
+            if eol >= 0:
+                parse_http_head(buf[pos:eol + 1])   # a bad request line is 400 at once
             return None
         head_end = found.end()
         method, target, minor, headers = parse_http_head(buf[pos:head_end])
+        self._http_check_origin(headers)
         connection = headers.get(b"connection", b"").lower()
         self.http_close = b"close" in connection or (
             minor == 0 and b"keep-alive" not in connection)
@@ -2703,9 +3357,15 @@ class ServerConnection(Connection):
                 if end - head_end > limit:
                     raise HttpError(413)
                 if end > len(buf):
+                    if not self.reserved and not self.server.reserve(self, end - head_end):
+                        self.stats["store_no_memory"] += 1
+                        self._http_reply(507, detail=NO_MEMORY.why)
+                        return self._skip_block(buf, end)
                     self._http_continue(headers, minor)
                     self.need = end - pos
                     return None
+                if self.reserved:
+                    self.server.release(self)
                 body = buf[head_end:end]
         self._http_complete(method, key, headers, body)
         return self._skip_block(buf, end)   # a body nobody stores is discarded unread
@@ -2731,8 +3391,22 @@ class ServerConnection(Connection):
             self.close_when_sent()
 
     @staticmethod
-    def _discard(buf):
+    def _discard(buf, pos=0):
         return len(buf)
+
+    def _http_check_origin(self, headers):
+        """Refuse (403) what a web page the user opened could send: a request
+        with an Origin not allowed, or, when the server listens on loopback,
+        one whose Host is not a name of this server (DNS rebinding)."""
+        origin = headers.get(b"origin")
+        if origin is not None and origin not in self.server.http_origins:
+            raise HttpError(403, b"Origin not allowed (--http-allow-origin)")
+        hosts = self.server.http_hosts
+        host = headers.get(b"host")
+        if hosts is not None and host is not None:
+            name = host.rpartition(b":")[0] if host.count(b":") == 1 or b"]:" in host else host
+            if name.lower() not in hosts:
+                raise HttpError(403, b"Host not allowed (--http-host)")
 
     def _http_continue(self, headers, minor):
         """`Expect: 100-continue`: tell the client to send the body, once."""
@@ -2742,6 +3416,12 @@ class ServerConnection(Connection):
             self.write(HTTP_CONTINUE)
 
     def _http_answer(self, method, key, headers, body):
+        try:
+            self._http_route(method, key, headers, body)
+        except ServerError as err:        # the log or the store cannot take it now
+            self._http_reply(507 if isinstance(err, OUT_OF_SPACE) else 503, detail=err.why)
+
+    def _http_route(self, method, key, headers, body):
         if method not in HTTP_METHODS:
             return self._http_reply(405, extra=HTTP_ALLOW_ALL)
         if key is None:
@@ -3006,26 +3686,44 @@ HANDLERS[b"bget"] = ServerConnection.cmd_get
 
 
 class Server:
-    """`serve`: a Store and its UpdateLog behind a listening socket.
+    """`serve`: a Store and its UpdateLog behind a Listener, on an EventLoop.
 
     Construct with serve(); run() blocks until SIGTERM/SIGINT, `shutdown`
     (with enable_shutdown) or stop(), then closes everything cleanly.
+    listener: a bound Listener on `loop` (serve() binds it before replaying
+    the log, so a taken port is reported at once). http: answer HTTP on the
+    port; http_origins: Origin values allowed; http_hosts: Host names
+    allowed (None: any), see ServerConnection._http_check_origin.
     """
 
-    def __init__(self, store, ulog, host=DEFAULT_HOST, port=DEFAULT_PORT,
-                 max_conns=MAX_CONNS_DEFAULT, enable_shutdown=False, settings=None):
+    def __init__(self, store, ulog, listener, max_conns=MAX_CONNS_DEFAULT,
+                 enable_shutdown=False, settings=None, reqs_per_event=REQS_PER_EVENT_DEFAULT,
+                 http=True, http_origins=(), http_hosts=None):
         self.store = store                   # the items
         self.ulog = ulog                     # the UpdateLog, None for the memory engine
         self.max_conns = max_conns           # -c
         self.enable_shutdown = enable_shutdown
+        self.reqs_per_event = reqs_per_event  # -R: a client's share of a loop pass
+        self.http = http                     # answer HTTP on the port
+        self.http_origins = frozenset(o.encode() for o in http_origins)
+        self.http_hosts = None if http_hosts is None else frozenset(
+            h.lower().encode() for h in http_hosts)
         self.item_size_max = store.item_size_max
         self.extra_settings = settings or {}  # shown by `stats settings`
         self.stats = dict.fromkeys(SERVER_COUNTERS, 0)
         self.connections = set()             # open ServerConnections
+        self.current = None                  # the connection being handled, if any
+        self.writers = []                    # connections that logged writes this pass
+        self.held_bytes = 0                  # incomplete data blocks held, all clients
+        self.held_limit = max(store.memory_limit, HELD_BYTES_MIN)  # ... at most
+        self.recovered = (0, 0, 0.0)         # (records replayed, items, seconds) at start
         self.started = now()
-        self.loop = EventLoop()
-        self.listener = Listener(self.loop, host, port, self._accept)
-        self.address = self.listener.address
+        self.loop = listener.loop
+        self.listener = listener
+        self.address = listener.address
+        listener.factory = self._accept
+        if ulog is not None:
+            store.journal = self._journal
         self.loop.ready_hooks.append(self._tick)
         self.loop.pass_hooks.append(self._group_commit)
         self.loop.call_every(SWEEP_INTERVAL_SECONDS, self._sweep)
@@ -3056,32 +3754,51 @@ class Server:
             conn.close()
         if self.ulog is not None:
             self.ulog.close()
-        self.store.close()
+        if not self.store.close():
+            log.error("the store keeps its older log position; the next start replays "
+                      "the update log from there")
         self.loop.close()
         log.info("stopped")
 
+    def reserve(self, conn, nbytes):
+        """Count nbytes of an incomplete data block for conn against held_limit;
+        False (nothing counted) when they do not fit."""
+        if self.held_bytes + nbytes > self.held_limit:
+            return False
+        self.held_bytes += nbytes
+        conn.reserved = nbytes
+        return True
+
+    def release(self, conn):
+        """conn no longer holds an incomplete data block."""
+        self.held_bytes -= conn.reserved
+        conn.reserved = 0
+
     def general_stats(self):
-        """(name, value) pairs of `stats`, memcached's names and order."""
+        """(name, value) pairs of `stats`: every name memcached 1.6.18 prints, in its
+        order (0 where memtool has no such thing), then memtool's own."""
         t = now()
         times = os.times()
         counters = dict(self.stats)
         for conn in self.connections:
             counters["bytes_read"] += conn.bytes_read
             counters["bytes_written"] += conn.bytes_written
-        store = self.store
-        pairs = [("pid", os.getpid()), ("uptime", int(t - self.started)), ("time", int(t)),
-                 ("version", VERSION_STRING.decode()), ("pointer_size", struct.calcsize("P") * 8),
-                 ("rusage_user", "%.6f" % times.user), ("rusage_system", "%.6f" % times.system),
-                 ("max_connections", self.max_conns),
-                 ("curr_connections", len(self.connections))]
-        pairs += [(name, counters[name]) for name in SERVER_COUNTERS[:2]]
-        pairs += [(name, counters[name]) for name in SERVER_COUNTERS[2:9]]
-        pairs += [("get_expired", store.get_expired), ("get_flushed", store.get_flushed)]
-        pairs += [(name, counters[name]) for name in SERVER_COUNTERS[9:]]
-        pairs += [("limit_maxbytes", store.memory_limit), ("threads", 1),
-                  ("bytes", store.bytes), ("curr_items", store.curr_items),
-                  ("total_items", store.total_items), ("evictions", store.evictions),
-                  ("reclaimed", store.reclaimed)]
+        store, listener = self.store, self.listener
+        values = dict(counters, **{
+            "pid": os.getpid(), "uptime": int(t - self.started), "time": int(t),
+            "version": VERSION_STRING.decode(),
+            "libevent": type(self.loop.selector).__name__,
+            "pointer_size": struct.calcsize("P") * 8,
+            "rusage_user": "%.6f" % times.user, "rusage_system": "%.6f" % times.system,
+            "max_connections": self.max_conns, "curr_connections": len(self.connections),
+            "connection_structures": len(self.connections) + 1,
+            "reserved_fds": RESERVED_FDS, "limit_maxbytes": store.memory_limit,
+            "accepting_conns": int(listener.accepting),
+            "listen_disabled_num": listener.disabled,
+            "time_in_listen_disabled_us": int(listener.disabled_seconds * 1e6),
+            "threads": 1, "bytes": store.bytes, "curr_items": store.curr_items,
+            **{name: getattr(store, name) for name in STORE_COUNTERS}})
+        pairs = [(name, values.get(name, 0)) for name in MEMCACHED_STATS]
         if self.ulog is not None:
             pairs += [("ulog_file", self.ulog.name), ("ulog_offset", self.ulog.offset)]
         return pairs
@@ -3092,6 +3809,7 @@ class Server:
                  ("tcpport", self.address[1]), ("udpport", 0), ("inter", self.address[0]),
                  ("num_threads", 1), ("evictions", "on"), ("item_size_max", self.item_size_max),
                  ("cas_enabled", "yes"), ("flush_enabled", "yes"),
+                 ("reqs_per_event", self.reqs_per_event),
                  ("shutdown_command", "yes" if self.enable_shutdown else "no")]
         return pairs + sorted(self.extra_settings.items())
 
@@ -3114,14 +3832,34 @@ class Server:
         self.stats["total_connections"] += 1
         self.connections.add(ServerConnection(self, sock, addr))
 
+    def _journal(self, op, key, flags, exptime, cas, value):
+        """Store.journal: log the change, and note which client's replies it
+        gates, so that they can be refused if the log cannot take the batch."""
+        self.ulog.append(op, key, flags, exptime, cas, value)
+        conn = self.current
+        if conn is not None and conn.batch_start < 0:
+            conn.batch_start = len(conn.outbuf)
+            self.writers.append(conn)
+
     def _group_commit(self):
-        """One ulog write (+fsync under --sync always) and one store commit per pass."""
-        if self.ulog is not None:
-            name = self.ulog.name
-            self.ulog.flush()
-            self.store.commit(self.ulog.position)
-            if self.ulog.name != name and self.store.checkpoint_position:
-                self.ulog.prune(self.store.checkpoint_position)
+        """One ulog write (+fsync under --sync always) and one store commit per
+        pass; when the log cannot take the batch, the store rolls it back and
+        the clients that wrote get the log's refusal instead of their replies."""
+        ulog = self.ulog
+        if ulog is None:
+            return
+        name = ulog.name
+        if ulog.flush():
+            self.store.commit(ulog.position)
+            for conn in self.writers:
+                conn.batch_start = -1
+            if ulog.name != name and self.store.checkpoint_position:
+                ulog.prune(self.store.checkpoint_position)
+        else:
+            self.store.rollback()
+            for conn in self.writers:
+                conn.refuse_batch(ulog.refusal)
+        self.writers.clear()
 
     def _tick(self):
         self.store.tick(now())
@@ -3130,47 +3868,277 @@ class Server:
         self.store.sweep()
 
 
-def recover(store, ulog):
-    """Replay the ulog records the store has not applied yet; returns their count."""
+def recover(store, ulog, data_dir):
+    """Replay the ulog records the store has not applied yet; returns their count.
+
+    Checkpoints as it goes, so memory stays bounded by the read cache and
+    CHECKPOINT_ITEMS. A torn tail of the newest file is cut. Raises
+    ConfigError for any other damage, naming the file, the offset and the
+    repair command.
+    """
     count = 0
-    for ts, sid, op, key, flags, exptime, cas, value in ulog.replay(store.log_position):
-        store.tick(ts / 1e6)
-        store.apply(op, key, flags, exptime, cas, value)
-        count += 1
+    reader = LogReader(ulog.directory, store.log_position)
+    try:
+        for record in reader.records():
+            store.tick(record.ts / 1e6)
+            store.apply(record.op, record.key, record.flags, record.exptime, record.cas,
+                        record.value)
+            ulog.last_ts = record.ts
+            count += 1
+            if len(store.pending) >= CHECKPOINT_ITEMS:
+                store.commit(reader.position, force=True)
+    except LogDamaged as err:
+        if not err.torn:
+            raise ConfigError(f"update log {err.path} is damaged at offset {err.offset}, "
+                              f"and records follow that cannot be skipped safely; "
+                              f"`memtool.py check --data {data_dir} --fix` keeps every good "
+                              f"record and moves the damaged file aside") from None
+        log.warning("update log %s: cutting an unfinished record at offset %d (a write "
+                    "cut short by a crash)", err.path, err.offset)
+        ulog.cut(reader.name, reader.offset)
+    ulog.open()
     store.tick(now())
-    store.commit(ulog.position, force=True)
+    if store.log_position is None or count:
+        store.commit(ulog.position, force=True)
     return count
+
+
+def raise_fd_limit(max_conns):
+    """Raise the soft open-files limit to what max_conns clients need, as memcached
+    does; ConfigError with memcached's message when the hard limit is too low."""
+    need = max_conns + RESERVED_FDS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            raise ConfigError("failed to set rlimit for open files. Try starting as root or "
+                              "requesting smaller maxconns value.")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def serve(host=DEFAULT_HOST, port=DEFAULT_PORT, data_dir=DEFAULT_DATA_DIR, engine="sqlite",
           item_size_max=ITEM_SIZE_MAX_DEFAULT, max_conns=MAX_CONNS_DEFAULT,
           memory_limit_mb=MEMORY_LIMIT_MB_DEFAULT, sync="everysec",
           ulog_limit=ULOG_LIMIT_DEFAULT, ulog_keep=ULOG_KEEP_DEFAULT, sid=1,
-          enable_shutdown=False):
-    """Open (or create) the data directory, recover, and listen. Returns a Server.
+          enable_shutdown=False, reqs_per_event=REQS_PER_EVENT_DEFAULT, http=True,
+          http_origins=(), http_hosts=(), loop=None):
+    """Bind the port, open (or create) the data directory, recover. Returns a Server.
 
     engine: one of ENGINES. item_size_max, ulog_limit: bytes. memory_limit_mb:
     megabytes. sync: one of SYNC_MODES. sid: this server's id in the ulog.
-    Raises ConfigError for a missing dbm module, OSError for an unusable
-    directory or address.
+    http_hosts: Host names allowed besides the listen address and localhost
+    when listening on loopback. loop: an EventLoop to share (a new one if
+    None). Raises ConfigError for a missing dbm module, a data directory that
+    cannot be used (another engine's, damaged: the message says what to
+    run) or too few file descriptors; OSError for an unusable address.
     """
-    store_engine = None
+    raise_fd_limit(max_conns)
+    loop = loop or EventLoop()
+    listener = Listener(loop, host, port, None)
+    started = time.monotonic()
+    prepare_data_dir(data_dir, engine)
     ulog = None
     if engine != "memory":
-        os.makedirs(data_dir, exist_ok=True)
         ulog = UpdateLog(os.path.join(data_dir, "ulog"), sid=sid, sync=sync,
                          limit=ulog_limit, keep=ulog_keep)
-        store_engine = open_engine(engine, data_dir)
-    store = Store(store_engine, memory_limit_mb << 20, item_size_max,
-                  journal=ulog.append if ulog is not None else None)
-    if ulog is not None:
-        started = time.monotonic()
-        count = recover(store, ulog)
-        log.info("recovered %d ulog records in %.3f s; %d items",
-                 count, time.monotonic() - started, store.curr_items)
+    try:
+        store = Store(open_engine(engine, data_dir), memory_limit_mb << 20, item_size_max)
+        count = recover(store, ulog, data_dir) if ulog is not None else 0
+    except BaseException:
+        listener.close()
+        if ulog is not None:
+            ulog.close()
+        raise
+    hosts = None
+    if ipaddress.ip_address(listener.address[0]).is_loopback or http_hosts:
+        hosts = {listener.address[0], f"[{listener.address[0]}]", "localhost", *http_hosts}
     settings = {"engine": engine, "sync": sync, "sid": sid, "ulog_limit": ulog_limit,
                 "data_dir": os.path.abspath(data_dir) if ulog is not None else "-"}
-    return Server(store, ulog, host, port, max_conns, enable_shutdown, settings)
+    server = Server(store, ulog, listener, max_conns, enable_shutdown, settings,
+                    reqs_per_event, http, http_origins, hosts)
+    server.recovered = (count, store.curr_items, time.monotonic() - started)
+    return server
+
+
+class DataCheck:
+    """`memtool.py check`: verify a data directory, and with fix, repair it.
+
+    Reports through `report` (one line per call). run() returns True when
+    all is well (after the repairs, with fix). Repairs never delete: what
+    they replace goes to <data>/aside/. A damaged ulog file is rewritten
+    with every good record from before and after the damage; a store that
+    cannot be read is rebuilt from the log; undecodable rows are dropped and
+    the whole kept log is replayed over the store at the next start.
+    """
+
+    def __init__(self, data_dir, fix=False, report=print):
+        self.data_dir = data_dir              # the directory checked
+        self.fix = fix                        # repair what can be repaired
+        self.report = report                  # takes one line of text
+        self.ulog_dir = os.path.join(data_dir, "ulog")
+        self.problems = 0                     # found and not repaired
+        self.replay_all = False               # the store must replay the whole kept log
+
+    def run(self):
+        engine = self._engine()
+        ulog = UpdateLog(self.ulog_dir)      # holds the lock: no server is running on it
+        try:
+            self.report(f"memtool check {self.data_dir} ({engine} engine)")
+            for name in ulog_names(self.ulog_dir):
+                self._check_log(name)
+            self._check_store(engine, ulog)
+        finally:
+            ulog.close()
+        self.report("all is well" if not self.problems else
+                    f"{self.problems} problem(s)" + ("" if self.fix else "; --fix repairs them"))
+        return not self.problems
+
+    def convert(self, new_engine):
+        """Copy every item into a store of new_engine (the log replayed first) and
+        make it the directory's engine; the old store files go aside."""
+        old_engine = self._engine()
+        if new_engine in (old_engine, "memory"):
+            raise ConfigError(f"cannot convert a {old_engine} store to {new_engine}")
+        ulog = UpdateLog(self.ulog_dir)
+        try:
+            store = Store(open_engine(old_engine, self.data_dir))
+            recover(store, ulog, self.data_dir)
+            target = open_engine(new_engine, self.data_dir)
+            rows = self._copy_rows(store.engine, target)
+            store.engine.close()
+            target.close()
+        finally:
+            ulog.close()
+        new_files = os.path.basename(target.path)
+        for name in store_files(self.data_dir):
+            if not name.startswith(new_files):
+                self._move_aside(name)
+        record_engine(self.data_dir, new_engine)
+        self.report(f"converted {rows} rows from {old_engine} to {new_engine}")
+
+    # -- internals -----------------------------------------------------------
+
+    def _engine(self):
+        if os.path.exists(self.data_dir) and not os.path.isdir(self.data_dir):
+            raise ConfigError(f"--data {self.data_dir}: not a directory")
+        engine = recorded_engine(self.data_dir)
+        if engine is None or not os.path.isdir(self.ulog_dir):
+            raise ConfigError(f"{self.data_dir} holds no memtool data")
+        return engine
+
+    def _problem(self, text, repaired=None):
+        if self.fix and repaired:
+            self.report(f"{text}: repaired, {repaired}")
+        else:
+            self.problems += 1
+            self.report(text)
+
+    def _check_log(self, name):
+        path = os.path.join(self.ulog_dir, name)
+        records, good, damaged = scan_ulog_file(path)
+        size = os.path.getsize(path)
+        self.report(f"ulog/{name}: {records} records, {size} bytes")
+        if not damaged:
+            return
+        newest = name == ulog_names(self.ulog_dir)[-1]
+        if len(damaged) == 1 and damaged[0][1] == size and newest:
+            with open(path, "rb") as f:
+                buf = f.read()
+            if _is_torn_tail(buf, damaged[0][0], True):
+                self.report(f"ulog/{name}: an unfinished last record at offset "
+                            f"{damaged[0][0]} (a write cut short; start-up cuts it)")
+                if self.fix:
+                    os.truncate(path, damaged[0][0])
+                return
+        ranges = ", ".join(f"{a}-{b}" for a, b in damaged)
+        repaired = None
+        if self.fix:
+            self._rewrite_log(name, good)
+            repaired = (f"kept {records} good records, the damaged file is in aside/")
+        self._problem(f"ulog/{name}: damaged bytes {ranges}", repaired)
+
+    def _rewrite_log(self, name, good):
+        path = os.path.join(self.ulog_dir, name)
+        with open(path, "rb") as f:
+            buf = f.read()
+        with open(path + ".tmp", "wb") as f:
+            for start, end in good:
+                f.write(buf[start:end])
+            f.flush()
+            os.fsync(f.fileno())
+        self._move_aside(os.path.join("ulog", name))
+        os.replace(path + ".tmp", path)
+        self.replay_all = True      # offsets in the rewritten file have moved
+
+    def _check_store(self, engine, ulog):
+        try:
+            store = Store(open_engine(engine, self.data_dir))
+        except StoreUnreadable as err:
+            repaired = self._rebuild_store(engine, ulog) if self.fix else None
+            self._problem(f"store: {err}", repaired)
+            return
+        rows, damaged = self._scan_rows(store.engine)
+        self.report(f"store: {rows} rows, applied up to ulog/{store.log_position[0]} offset "
+                    f"{store.log_position[1]}" if store.log_position else
+                    f"store: {rows} rows, no log applied yet")
+        if damaged:
+            keys = ", ".join(repr(k) for k in damaged[:DAMAGED_KEYS_LOGGED])
+            repaired = None
+            if self.fix:
+                store.engine.write([], damaged)
+                self.replay_all = True
+                repaired = "dropped them; the next start replays the whole kept log"
+            self._problem(f"store: {len(damaged)} row(s) that do not decode: {keys}", repaired)
+        if self.replay_all:
+            store.log_position = None
+            store.meta_dirty = True
+            store.checkpoint()
+        store.engine.close()
+
+    def _scan_rows(self, engine):
+        rows, damaged, after = 0, [], b""
+        while True:
+            batch = engine.scan(after, SWEEP_STEP_ITEMS, whole=True)
+            for key, record in batch:
+                if len(key) > KEY_MAX_LENGTH:
+                    continue     # the meta record
+                rows += 1
+                if len(record) < RECORD_HEADER.size:
+                    damaged.append(key)
+            if len(batch) < SWEEP_STEP_ITEMS:
+                return rows, damaged
+            after = batch[-1][0]
+
+    def _rebuild_store(self, engine, ulog):
+        for name in store_files(self.data_dir):
+            self._move_aside(name)
+        store = Store(open_engine(engine, self.data_dir))
+        records = recover(store, ulog, self.data_dir)
+        store.close()
+        lost = ""
+        try:
+            with open(os.path.join(self.ulog_dir, ULOG_PRUNED)) as f:
+                lost = (f"; the log was pruned up to {f.read().strip()}, so items last "
+                        f"changed before then are lost")
+        except FileNotFoundError:
+            pass
+        return f"rebuilt from {records} log records, the old files are in aside/{lost}"
+
+    def _copy_rows(self, source, target):
+        rows, after = 0, b""
+        while True:
+            batch = source.scan(after, CHECKPOINT_ITEMS, whole=True)
+            target.write(batch, [])
+            rows += sum(1 for key, _ in batch if len(key) <= KEY_MAX_LENGTH)
+            if len(batch) < CHECKPOINT_ITEMS:
+                return rows
+            after = batch[-1][0]
+
+    def _move_aside(self, name):
+        aside = os.path.join(self.data_dir, "aside")
+        os.makedirs(aside, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        os.replace(os.path.join(self.data_dir, name),
+                   os.path.join(aside, f"{os.path.basename(name)}.{stamp}"))
 
 
 # ===== 9. Bench ==============================================================
@@ -3802,6 +4770,13 @@ def _size_arg(text):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (bytes, or with k/m/g)")
 
 
+def _ulog_limit_arg(text):
+    size = _size_arg(text)
+    if size < ULOG_LIMIT_MIN:
+        raise argparse.ArgumentTypeError(f"must be at least {ULOG_LIMIT_MIN >> 10}k")
+    return size
+
+
 def _item_size_arg(text):
     size = _size_arg(text)
     if not 1024 <= size <= 1 << 30:
@@ -3875,16 +4850,42 @@ def build_parser():
                            "disk engines: read cache (default %(default)s)")
     add("--sync", choices=SYNC_MODES, default="everysec",
         help="when the update log is fsynced (default %(default)s)")
-    add("--ulog-limit", type=_size_arg, default=ULOG_LIMIT_DEFAULT, metavar="SIZE",
-        help="start a new update-log file at this size (default 64m)")
+    add("--ulog-limit", type=_ulog_limit_arg, default=ULOG_LIMIT_DEFAULT, metavar="SIZE",
+        help="start a new update-log file at this size (default 64m, at least 64k)")
     add("--ulog-keep", type=_int_arg(0, 1 << 20), default=ULOG_KEEP_DEFAULT, metavar="N",
         help="rotated update-log files to keep (default %(default)s)")
     add("--sid", type=_int_arg(1, UINT32_MASK), default=1,
         help="server id stamped on update-log records (default %(default)s)")
+    add("-R", "--reqs-per-event", type=_int_arg(1, 1 << 20), default=REQS_PER_EVENT_DEFAULT,
+        metavar="N", help="requests a client gets per loop pass before the others have "
+                          "their turn (memcached -R; default %(default)s)")
     add("--enable-shutdown", action="store_true",
         help="allow the `shutdown` command (memcached -A)")
+    add("--no-http", dest="http", action="store_false",
+        help="do not answer HTTP on the port (close such connections, as memcached does)")
+    add("--http-allow-origin", action="append", default=[], metavar="ORIGIN",
+        help="a web origin (e.g. https://app.example) whose pages may send requests; "
+             "repeatable; by default a request with an Origin header gets 403")
+    add("--http-host", action="append", default=[], metavar="NAME",
+        help="a Host name HTTP requests may use besides the listen address and localhost "
+             "(checked when listening on loopback, or once this is given); repeatable")
     add("--pid", metavar="FILE", help="write the process id to FILE")
     serve_parser.set_defaults(func=_cmd_serve)
+
+    check_parser = commands.add_parser(
+        "check", parents=[common], help="verify (and repair) a data directory",
+        description="Verify the store and every update-log file of a data directory (the "
+                    "server must be stopped) and print what they hold. Exit status 0 only "
+                    "when all is well.")
+    add = check_parser.add_argument
+    add("--data", default=DEFAULT_DATA_DIR, metavar="DIR",
+        help="data directory (default %(default)s)")
+    add("--fix", action="store_true",
+        help="repair: keep every good log record around damage, rebuild an unreadable "
+             "store from the log; what is replaced is moved to DIR/aside/, never deleted")
+    add("--convert", choices=[e for e in ENGINES if e != "memory"], metavar="ENGINE",
+        help="copy the data into a store of ENGINE and use that from now on")
+    check_parser.set_defaults(func=_cmd_check)
 
     bench_parser = commands.add_parser(
         "bench", parents=[common], help="load-test any memcached-compatible server",
@@ -3934,18 +4935,33 @@ def build_parser():
 
 
 def _cmd_serve(args):
-    server = serve(args.listen, args.port, args.data, args.engine, args.max_item_size,
-                   args.max_conns, args.memory_limit, args.sync, args.ulog_limit,
-                   args.ulog_keep, args.sid, args.enable_shutdown)
     if args.pid:
         with open(args.pid, "w") as f:
             f.write(f"{os.getpid()}\n")
     try:
+        server = serve(args.listen, args.port, args.data, args.engine, args.max_item_size,
+                       args.max_conns, args.memory_limit, args.sync, args.ulog_limit,
+                       args.ulog_keep, args.sid, args.enable_shutdown, args.reqs_per_event,
+                       args.http, args.http_allow_origin, args.http_host)
+        records, items, seconds = server.recovered
+        host, port = server.address
+        where = "nothing kept" if args.engine == "memory" else f"data in {args.data}"
+        print(f"memtool {__version__}: serving on {host}:{port}, {where} ({args.engine} "
+              f"engine), {items} items, {records} log records replayed in {seconds:.2f} s",
+              flush=True)
         server.run()
     finally:
         if args.pid:
             os.remove(args.pid)
     return 0
+
+
+def _cmd_check(args):
+    checker = DataCheck(args.data, args.fix)
+    if args.convert:
+        checker.convert(args.convert)
+        return 0
+    return 0 if checker.run() else 1
 
 
 def _cmd_bench(args):

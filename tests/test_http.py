@@ -44,7 +44,7 @@ STATS_RE = re.compile(rb"HTTP/1\.1 200 OK\r\nContent-Type: application/json\r\n"
 
 def req(method, target, body=None, headers=(), version=b"HTTP/1.1"):
     """Request bytes; a body gets a Content-Length header."""
-    lines = [b"%s %s %s" % (method, target, version), b"Host: memtool", *headers]
+    lines = [b"%s %s %s" % (method, target, version), b"Host: localhost", *headers]
     if body is not None:
         lines.append(b"Content-Length: %d" % len(body))
     return b"\r\n".join(lines) + b"\r\n\r\n" + (body or b"")
@@ -343,7 +343,7 @@ def test_text_protocol_then_http_on_one_connection(http, kp):
 def test_bare_lf_line_endings(http, kp):
     """Request lines and headers may end in bare LF; replies still use CRLF."""
     k = kp + b"k"
-    http.send(b"PUT /%s HTTP/1.1\nHost: x\nContent-Length: 2\n\nhi" % k)
+    http.send(b"PUT /%s HTTP/1.1\nHost: localhost\nContent-Length: 2\n\nhi" % k)
     cas = int(CREATED_RE.fullmatch(read_reply(http)).group(1))
     http.call(b"GET /%s HTTP/1.1\n\n" % k, item(b"hi", cas))
 
@@ -353,7 +353,7 @@ def test_bare_lf_line_endings(http, kp):
 def test_chunked_body_with_extension_and_trailer(http, kp):
     """A chunked body (extension, hex sizes, trailer) is stored whole; the connection goes on."""
     k = kp + b"k"
-    http.send(b"PUT /%s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    http.send(b"PUT /%s HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
               b"5;name=val\r\nhello\r\nB\r\n world, etc\r\n0\r\nX-Trailer: t\r\n\r\n" % k)
     cas = int(CREATED_RE.fullmatch(read_reply(http)).group(1))
     http.call(req(b"GET", b"/" + k), item(b"hello world, etc", cas))
