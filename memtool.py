@@ -1370,7 +1370,7 @@ class Store:
             return self._concat(key, value, mode == b"A")
         exptime = self.absolute(exptime)
         if cas_unique is not None and cas_unique != old.cas:
-            if not (invalidate and cas_unique < old.cas):
+            if not (invalidate and 0 < cas_unique < old.cas):   # C0 never matches
                 return ST_EXISTS, None
             exptime = old.exptime
             state |= STALE | (old.state & TOKEN_SENT)
@@ -1411,10 +1411,10 @@ class Store:
         in_place = len(digits) <= len(data)
         if in_place:
             digits = digits.ljust(len(data))
-        item = self._write(key, old.flags, old.exptime, digits, old.size,
-                           state=old.state if in_place else 0)
         if in_place:
-            item.atime = old.atime
+            item = self._rewrite(key, old, old.exptime, digits, old.state)
+        else:
+            item = self._write(key, old.flags, old.exptime, digits, old.size)
         return ST_STORED, result, item
 
     def touch(self, key, exptime):
@@ -1438,9 +1438,7 @@ class Store:
 
         The recache token is handed out again: the next mg wins it (W).
         """
-        state = (item.state | STALE) & ~TOKEN_SENT
-        marked = self._write(key, item.flags, exptime, item.value, item.size, state=state)
-        marked.atime = item.atime
+        self._rewrite(key, item, exptime, item.value, (item.state | STALE) & ~TOKEN_SENT)
 
     def flush_all(self, delay=0):
         """Invalidate every item now (delay <= 0) or at a deadline (exptime rules).
@@ -1736,6 +1734,14 @@ class Store:
         self._cache_put(key, item)
         if self.engine is not None:
             self.pending[key] = item
+        return item
+
+    def _rewrite(self, key, old, exptime, value, state):
+        """Replace old by what memcached makes of it in place: the new item keeps
+        old's flags and last access, and does not count as a new one (total_items)."""
+        item = self._write(key, old.flags, exptime, value, old.size, state=state)
+        item.atime = old.atime
+        self.total_items -= 1
         return item
 
     def _remove(self, key, size):

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.memtool_only
 
 CURL = shutil.which("curl")
 REASONS = {100: b"Continue", 200: b"OK", 201: b"Created", 400: b"Bad Request",
-           404: b"Not Found", 405: b"Method Not Allowed", 409: b"Conflict",
+           403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed", 409: b"Conflict",
            412: b"Precondition Failed", 413: b"Payload Too Large",
            431: b"Request Header Fields Too Large", 501: b"Not Implemented",
            505: b"HTTP Version Not Supported"}
@@ -531,6 +531,60 @@ def test_malformed_request_closes_and_server_survives(server, kp, template, code
             s.expect(reply(code, CLOSE))
             s.expect_closed()
     alive(server, k, b"safe")
+
+
+def test_bad_request_line_is_400_before_the_headers_end(server):
+    """A request line that cannot be HTTP is refused as soon as it is complete."""
+    with server.session() as s:
+        s.send(b"DELETE HTTP/1.1\r\n")                     # no blank line: headers may follow
+        expect_400(s, must_close=True)
+
+
+# --------------------------------------------------------------------------- exposure
+
+def test_foreign_origin_is_403_and_stores_nothing(http, text, kp):
+    """A web page's cross-origin POST (no preflight needed for text/plain) is refused."""
+    k = kp + b"o"
+    http.send(req(b"POST", b"/" + k, b"evil", [b"Origin: https://evil.example",
+                                               b"Content-Type: text/plain"]))
+    http.expect(reply(403, CLOSE, b"Forbidden: Origin not allowed (--http-allow-origin)\n"))
+    http.expect_closed()
+    assert text.get(k) is None
+
+
+@pytest.mark.parametrize("host", [b"evil.example", b"evil.example:11211", b"10.1.2.3"])
+def test_foreign_host_on_loopback_is_403(http, text, kp, host):
+    """DNS rebinding: a name that resolves to 127.0.0.1 but is not ours."""
+    k = kp + b"h"
+    text.set(k, b"secret")
+    http.send(b"GET /%s HTTP/1.1\r\nHost: %s\r\n\r\n" % (k, host))
+    http.expect(reply(403, CLOSE, b"Forbidden: Host not allowed (--http-host)\n"))
+    http.expect_closed()
+    assert text.get(k) == b"secret"
+
+
+@pytest.mark.parametrize("host", [b"localhost", b"127.0.0.1", b"LOCALHOST:1"])
+def test_own_host_names_are_served(http, text, kp, host):
+    k = kp + b"ok"
+    text.set(k, b"v")
+    http.send(b"GET /%s HTTP/1.1\r\nHost: %s\r\n\r\n" % (k, host))
+    assert ITEM_RE.fullmatch(read_reply(http)).group(5) == b"v"
+
+
+def test_http_options(server_factory, kp):
+    """--http-host and --http-allow-origin admit what they name; --no-http closes."""
+    srv = server_factory(extra=["--http-host", "cache.internal",
+                                "--http-allow-origin", "https://app.example"])
+    with srv.session() as s:
+        s.send(req(b"PUT", b"/" + kp, b"v", [b"Origin: https://app.example"]))
+        assert CREATED_RE.fullmatch(read_reply(s))
+        s.send(b"GET /%s HTTP/1.1\r\nHost: cache.internal:80\r\n\r\n" % kp)
+        assert ITEM_RE.fullmatch(read_reply(s))
+    off = server_factory(extra=["--no-http"])
+    with off.session() as s:
+        s.call(b"set %s 0 0 1\r\nx\r\n" % kp, b"STORED\r\n")
+        s.send(b"GET /%s HTTP/1.1\r\n\r\n" % kp)      # memcached closes too, silently
+        s.expect_closed()
 
 
 def test_later_http1_minor_version_is_served_as_1_1(http, kp):

@@ -130,6 +130,7 @@ SCRIPTS = {
         b"ms d 1 C1 MA\r\nz\r\n", b"ms d 1 C1 MP\r\nz\r\n", b"ms c 1 C1 MA\r\nz\r\n",
         b"ms c 1 C{cas2} MA c\r\n+\r\n", b"ms c 1 C0 MP\r\n-\r\n", b"mg c v\r\n",
         b"ms e 1 I C99999999\r\nx\r\n", b"ms c 1 I C99999999\r\nx\r\n",
+        b"ms c 1 C0 I\r\nx\r\n", b"mg c v c\r\n",        # C0 never matches, even with I
     ],
     "ms_data_blocks_and_errors": [
         b"ms k 3 Z\r\nabc\r\n", b"mg k\r\n", b"ms k 1 c c\r\nx\r\n", b"ms k 1 Me\r\nx\r\n",
@@ -290,7 +291,7 @@ def test_meta_command_in_small_pieces(memcached, server):
 
 STAT_COUNTERS = ("cmd_get get_hits get_misses cmd_touch touch_hits touch_misses cmd_set "
                  "cas_hits cas_misses cas_badval delete_hits delete_misses incr_hits "
-                 "incr_misses decr_hits decr_misses cmd_meta").split()
+                 "incr_misses decr_hits decr_misses cmd_meta total_items").split()
 STATS_FIRST = (
     b"mg a v\r\nms a 1\r\nx\r\nmg a v\r\nmg a q\r\nmg a T100\r\nmg b T100\r\nmg b N30\r\n"
     b"mg b N30\r\nms a 1 C1\r\nx\r\nms q 1 C1\r\nx\r\nms a 1 ME\r\nx\r\nms a 1 Mz\r\nx\r\n"
@@ -299,7 +300,7 @@ STATS_FIRST = (
 STATS_SECOND = (
     b"ms a 1 C%s\r\ny\r\nmd a C1\r\nmd a I\r\nmd a\r\nmd a\r\nmd a Z\r\nma n\r\nma n MD\r\n"
     b"ma n N0\r\nma n\r\nma n MD\r\nma n C1\r\nms s 1\r\nx\r\nma s\r\nme s\r\nme nope\r\n"
-    b"me\r\nmn\r\n"
+    b"me\r\nms g 1\r\n8\r\nincr g 1\r\nincr g 1\r\ndecr g 5\r\nma g MI D100\r\nmn\r\n"
 )
 
 
