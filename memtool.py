@@ -5,6 +5,7 @@ One file, standard library only, Python 3.9+. Copy it to a server and run:
 
     python3 memtool.py serve                      # 127.0.0.1:11211, data in ./memtool-data
     python3 memtool.py serve -p 11311 --data /var/lib/memtool --sync always
+    python3 memtool.py check --data /var/lib/memtool [--fix]   # verify, repair (stopped)
 
 Any memcached client (pymemcache, libmemcached's memccp/memccat, telnet)
 talks to it; every change goes to an append-only update log (ulog) before it
@@ -45,7 +46,10 @@ File formats (under ``--data``):
                     value = <flags u32><exptime i64><cas u64> little-endian + data
                     (the cas field's top 2 bits: the item's stale/base64-key state)
     store.<engine>  the same key/value pairs in a dbm.gnu/ndbm/dumb file
+    ENGINE          the engine's name: another engine is refused
     ulog/*.ulog     the update log; record format in section 6
+    ulog/PRUNED     the newest ulog file deleted, once old files are pruned
+    aside/          files `check --fix` or `--convert` replaced, never deleted
 
 Contents (``grep -n '^# =====' memtool.py``):
 
@@ -65,6 +69,7 @@ import argparse
 import binascii
 import bisect
 import collections
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -4777,9 +4782,13 @@ def _size_arg(text):
 
 
 def _ulog_limit_arg(text):
-    size = _size_arg(text)
+    try:
+        size = parse_size(text)
+    except ValueError:
+        size = 0
     if size < ULOG_LIMIT_MIN:
-        raise argparse.ArgumentTypeError(f"must be at least {ULOG_LIMIT_MIN >> 10}k")
+        raise argparse.ArgumentTypeError(
+            f"not a size of at least {ULOG_LIMIT_MIN >> 10}k (the smallest): {text!r}")
     return size
 
 
@@ -4899,7 +4908,8 @@ def build_parser():
                     "throughput and latency (memtier_benchmark's option names).")
     add = bench_parser.add_argument
     add("-s", "--server", dest="servers", action="append", type=_address_arg, required=True,
-        metavar="HOST:PORT", help="server to load; repeat for a pool (keys spread by the ring)")
+        metavar="HOST:PORT", help="server to load (required); repeat for a pool, keys "
+                                  "spread by the ring as a client pool spreads them")
     add("-c", "--clients", type=_int_arg(1, 100000), default=50,
         help="connections per process (default %(default)s)")
     add("--pipeline", type=_int_arg(1, 100000), default=1,
@@ -4909,33 +4919,41 @@ def build_parser():
     add("-d", "--data-size", type=_int_arg(1, 1 << 30), default=32, metavar="BYTES",
         help="value size (default %(default)s)")
     add("--data-size-range", type=_range_arg, metavar="MIN-MAX",
-        help="value sizes drawn uniformly from MIN..MAX bytes")
+        help="value sizes drawn uniformly from MIN..MAX bytes (default: all -d)")
     add("--key-prefix", default="memtier-", help="key prefix (default %(default)s)")
-    add("--key-minimum", type=_int_arg(0, 1 << 62), default=0, metavar="N")
-    add("--key-maximum", type=_int_arg(0, 1 << 62), default=10000000, metavar="N")
+    add("--key-minimum", type=_int_arg(0, 1 << 62), default=0, metavar="N",
+        help="smallest key number (default %(default)s)")
+    add("--key-maximum", type=_int_arg(0, 1 << 62), default=10000000, metavar="N",
+        help="largest key number (default %(default)s)")
     add("--key-pattern", choices=("R", "S", "G"), default="R",
         help="R random, S sequential, G gaussian (default R)")
-    add("--multiget", type=_int_arg(1, 10000), default=1, metavar="N", help="keys per get")
+    add("--multiget", type=_int_arg(1, 10000), default=1, metavar="N",
+        help="keys per get (default %(default)s)")
     add("-n", "--requests", type=_int_arg(1, 1 << 62), default=10000,
         help="requests per client (default %(default)s)")
     add("--test-time", type=_int_arg(1, 1 << 30), metavar="SECONDS",
-        help="run this long instead of a request count")
-    add("--protocol", choices=("text", "meta"), default="text")
-    add("--seed", type=int, help="random seed, for repeatable key sequences")
+        help="run this long instead of a request count (default: use -n)")
+    add("--protocol", choices=("text", "meta"), default="text",
+        help="text: set/get; meta: ms/mg (default %(default)s)")
+    add("--seed", type=int, help="random seed, for repeatable key sequences (default: random)")
     add("--processes", type=_int_arg(1, 1024), default=1,
         help="load-generating processes, each with --clients connections (default 1)")
     add("--hash", choices=sorted(HASHES), default="fnv1a_64",
         help="key hash for several servers (twemproxy's names; default fnv1a_64)")
-    add("--distribution", choices=DISTRIBUTIONS, default="ketama")
+    add("--distribution", choices=DISTRIBUTIONS, default="ketama",
+        help="how keys map to several servers (default %(default)s)")
     add("--timeout", type=float, default=5.0, metavar="SECONDS",
         help="a request without a reply after this long is an error (default 5)")
-    add("--prefill", action="store_true", help="store every key once before timing")
+    add("--prefill", action="store_true",
+        help="store every key once before timing (default off)")
     add("--verify", action="store_true",
-        help="afterwards, read back every key written and compare the values")
+        help="afterwards, read back every key written and compare the values (default off)")
     add("--vs", type=_address_arg, metavar="HOST:PORT",
         help="also run against this server, alternately, and report the A/B ratios")
-    add("--rounds", type=_int_arg(1, 1000), default=3, help="rounds per side with --vs")
-    add("--json", metavar="FILE", help="write every figure and the configuration as JSON")
+    add("--rounds", type=_int_arg(1, 1000), default=3,
+        help="rounds per side with --vs (default %(default)s)")
+    add("--json", metavar="FILE", help="also write every figure and the configuration as "
+                                       "JSON to FILE (checked before the run)")
     bench_parser.set_defaults(func=_cmd_bench)
     return parser
 
@@ -4976,11 +4994,12 @@ def _cmd_bench(args):
     if span < args.clients * args.processes:
         raise ConfigError(f"the key range ({span} keys) is smaller than the number of "
                           f"clients ({args.clients * args.processes})")
-    report = bench(**options)
-    print(format_report(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    json_file = open(args.json, "w") if args.json else None   # fails before the run
+    with json_file or contextlib.nullcontext():
+        report = bench(**options)
+        print(format_report(report))
+        if json_file:
+            json.dump(report, json_file, indent=1)
     return 0
 
 

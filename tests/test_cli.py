@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from support import MEMTOOL, REPO, STOP_TIMEOUT, MemtoolServer, free_port, missing_engines
+from support import (MEMTOOL, REPO, STOP_TIMEOUT, MemtoolServer, free_port, missing_engines,
+                     wait_for)
 
 pytestmark = pytest.mark.memtool_only
 
@@ -98,3 +99,43 @@ def test_a_second_server_on_the_same_data_dir_is_refused(tmp_path):
         with first.session() as s:              # the first one is unharmed
             s.set(b"still", b"here")
             assert s.get(b"still") == b"here"
+
+
+def test_ready_line_names_address_data_engine_and_recovery(tmp_path):
+    srv = MemtoolServer(tmp_path, extra=["--sync", "always"])
+    srv.start()
+    with srv.session() as s:
+        s.set(b"k", b"v")
+    srv.kill9()
+    srv.start()                                   # the port is bound before recovery
+    wait_for(lambda: srv.log_text().count("serving on") == 2, 10, what="the ready line")
+    line = [x for x in srv.log_text().splitlines() if "serving on" in x][-1]
+    assert line.startswith("memtool ") and "serving on 127.0.0.1:%d" % srv.port in line, line
+    assert str(srv.data) in line and "(sqlite engine), 1 items" in line, line
+    assert "log records replayed in" in line
+    srv.stop()
+
+
+def test_taken_port_is_reported_before_anything_else(tmp_path):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = run_memtool("serve", "-p", str(taken.getsockname()[1]), "--data",
+                        str(tmp_path / "d"))
+    assert r.returncode == 1 and b"Address already in use" in r.stderr, r.stderr
+    assert not (tmp_path / "d").exists()          # nothing was opened before the bind
+
+
+def test_option_errors_say_what_is_allowed(tmp_path):
+    r = run_memtool("serve", "--ulog-limit", "0")
+    assert r.returncode == 2 and b"at least 64k" in r.stderr, r.stderr
+    r = run_memtool("bench", "-s", "127.0.0.1:%d" % free_port(), "--json",
+                    str(tmp_path / "no" / "such" / "dir.json"))
+    assert r.returncode == 1 and b"No such file or directory" in r.stderr, r.stderr
+    out = run_memtool("bench", "--help").stdout.decode()
+    options = [line.split()[0] for line in out.splitlines() if line.startswith("  -")]
+    assert len(options) > 20
+    for option in options:                        # every option says what it does
+        block = out.split(option, 1)[1].split("\n  -", 1)[0]
+        assert len(block.split()) > 2, option
