@@ -3909,8 +3909,9 @@ def recover(store, ulog, data_dir):
         ulog.cut(reader.name, reader.offset)
     ulog.open()
     store.tick(now())
-    if store.log_position is None or count:
-        store.commit(ulog.position, force=True)
+    # Also when nothing was replayed: after a power loss the store may name an
+    # offset past what the log kept, and appends would go below it.
+    store.commit(ulog.position, force=True)
     return count
 
 
