@@ -291,6 +291,7 @@ class StoreUnreadable(ConfigError):
 
 _NUMBER = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)(?:[ \t\n\v\f\r\0]|$)")
 BAD_FORMAT = ClientError
+UNKNOWN = UnknownCommand
 INVALID_EXPTIME = ClientError.refusal(b"invalid exptime argument")
 INVALID_DELTA = ClientError.refusal(b"invalid numeric delta argument")
 NON_NUMERIC_VALUE = ClientError.refusal(b"cannot increment or decrement non-numeric value")
@@ -385,13 +386,19 @@ def is_long_get(buf, pos):
     return pos - start <= 100 and (buf.startswith(b"get ", pos) or buf.startswith(b"gets ", pos))
 
 
-def parse_storage(tokens, with_cas):
+def parse_storage(tokens):
     """Parse `<cmd> <key> <flags> <exptime> <bytes> [<cas unique>] [noreply]`.
 
     Returns (key, flags, exptime, nbytes, cas_unique); exptime is the raw
-    protocol value (see Store.absolute). Raises BAD_FORMAT as memcached's
-    process_update_command does, checking in its order: key, numbers, length.
+    protocol value (see Store.absolute), cas_unique 0 unless the command is
+    cas. Raises UNKNOWN for a wrong token count, then BAD_FORMAT as
+    memcached's process_update_command does, checking in its order: key,
+    numbers, length.
     """
+    with_cas = tokens[0] == b"cas"
+    arity = 6 if with_cas else 5
+    if len(tokens) != arity and len(tokens) != arity + 1:
+        raise UNKNOWN
     key = tokens[1]
     if len(key) > KEY_MAX_LENGTH:
         raise BAD_FORMAT
@@ -411,6 +418,21 @@ def parse_storage(tokens, with_cas):
     if not 0 <= nbytes <= VALUE_LENGTH_MAX:
         raise BAD_FORMAT
     return key, flags, exptime, nbytes, cas_unique
+
+
+def parse_meta_length(tokens):
+    """The datalen of `ms <key> <datalen> <flag>*`, after memcached's checks before it
+    (a request that fails them has no data block)."""
+    if len(tokens) < 2:
+        raise UNKNOWN
+    if len(tokens[1]) > KEY_MAX_LENGTH or len(tokens) == 2:
+        raise BAD_FORMAT
+    if len(tokens) > META_TOKENS_MAX:
+        raise META_TOO_LONG
+    nbytes = parse_int32(tokens[2])
+    if nbytes is None or not 0 <= nbytes <= VALUE_LENGTH_MAX:
+        raise BAD_FORMAT
+    return nbytes
 
 
 def item_total_size(key, flags, nbytes):
@@ -745,15 +767,96 @@ def if_match(header, cas):
     return False
 
 
-# Client side: what a reply to a request looks like depends on the request
-# (memcached replies are not self-describing), so the caller says what it
-# expects.
+# The command table: what a server, a proxy and a client need to know about a
+# request without executing it (memcached's process_command_ascii as data):
+# where its key is, whether a data block follows and where its length is,
+# what its reply looks like, and where a proxy sends it. memcached replies are
+# not self-describing, so the reply kind is what a client tells read_reply().
 REPLY_LINE = 0          # one line: STORED, DELETED, a number, ...
 REPLY_VALUES = 1        # VALUE blocks, then END (get, gets, gat, gats)
 REPLY_META = 2          # one meta response: HD, EN, NS, ... or VA with a data block
 REPLY_META_BATCH = 3    # meta responses up to and including MN (quiet mode pipelines)
+REPLY_STATS = 4         # STAT lines, then END
+REPLY_NONE = 5          # nothing (quit)
 ERROR_PREFIXES = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")
 REPLY_LINE_MAX_BYTES = 8192
+BLOCK_NONE, BLOCK_STORAGE, BLOCK_META = 0, 1, 2   # no data block; <bytes> at 4; datalen at 2
+ROUTE_KEY, ROUTE_KEYS, ROUTE_ALL, ROUTE_LOCAL = "key", "keys", "all", "local"
+
+CommandSpec = collections.namedtuple("CommandSpec", "name key block reply route writes")
+CommandSpec.__doc__ = """One command of the text and meta protocols.
+
+name: the command (bytes); key: index of its (first) key token, 0 for none;
+block: BLOCK_*; reply: REPLY_*; route: ROUTE_* (one key, each key on its own
+server, every server, or answered where it arrives); writes: it changes items.
+"""
+
+
+def _command_table():
+    table = {}
+    for names, key, block, reply, route, writes in (
+            ("get gets bget", 1, BLOCK_NONE, REPLY_VALUES, ROUTE_KEYS, False),
+            ("gat gats", 2, BLOCK_NONE, REPLY_VALUES, ROUTE_KEYS, True),
+            ("set add replace append prepend cas", 1, BLOCK_STORAGE, REPLY_LINE, ROUTE_KEY,
+             True),
+            ("delete incr decr touch", 1, BLOCK_NONE, REPLY_LINE, ROUTE_KEY, True),
+            ("mg", 1, BLOCK_NONE, REPLY_META, ROUTE_KEY, False),
+            ("ms", 1, BLOCK_META, REPLY_META, ROUTE_KEY, True),
+            ("md ma", 1, BLOCK_NONE, REPLY_META, ROUTE_KEY, True),
+            ("me", 1, BLOCK_NONE, REPLY_LINE, ROUTE_KEY, False),
+            ("mn", 0, BLOCK_NONE, REPLY_META, ROUTE_LOCAL, False),
+            ("flush_all", 0, BLOCK_NONE, REPLY_LINE, ROUTE_ALL, True),
+            ("verbosity", 0, BLOCK_NONE, REPLY_LINE, ROUTE_ALL, False),
+            ("version cache_memlimit shutdown", 0, BLOCK_NONE, REPLY_LINE, ROUTE_LOCAL, False),
+            ("stats", 0, BLOCK_NONE, REPLY_STATS, ROUTE_LOCAL, False),
+            ("quit", 0, BLOCK_NONE, REPLY_NONE, ROUTE_LOCAL, False)):
+        for name in names.split():
+            table[name.encode()] = CommandSpec(name.encode(), key, block, reply, route, writes)
+    return table
+
+
+COMMANDS = _command_table()
+HTTP_REQUEST = CommandSpec(b"HTTP", 0, BLOCK_NONE, REPLY_NONE, ROUTE_LOCAL, False)
+
+
+def frame_request(buf, pos):
+    """Where the request at buf[pos:] ends, by memcached's framing rules.
+
+    Returns None while its command line is incomplete and may still grow,
+    else (spec, tokens, start, end, args): spec is the CommandSpec (None for
+    an unknown command, HTTP_REQUEST for an HTTP request line, which starts
+    at pos), tokens the line's tokens, start the offset past the line, end
+    the offset past the request. A data block follows only when the line
+    gives a valid length (memcached reads the next line as a command
+    otherwise); end then lies past the block and its CRLF, maybe beyond buf
+    (not all arrived), and args is (key, flags, exptime, nbytes, cas unique)
+    for the classic storage commands, nbytes for ms; else end == start and
+    args is None. Raises Disconnect for a line too long to wait for.
+    """
+    eol = buf.find(b"\n", pos)
+    if eol < 0:
+        waiting = len(buf) - pos
+        if waiting > LINE_MAX_BYTES and not (
+                waiting <= MULTIGET_LINE_MAX_BYTES and is_long_get(buf, pos)):
+            if HTTP_REQUEST_START.match(buf, pos):          # a long URL: HTTP's limits
+                return HTTP_REQUEST, None, pos, pos, None
+            raise Disconnect
+        return None
+    tokens = split_command(buf[pos:eol])
+    start = eol + 1
+    spec = COMMANDS.get(tokens[0]) if tokens else None
+    if spec is None or not spec.block:
+        if spec is None and tokens and tokens[-1].startswith(b"HTTP/"):
+            return HTTP_REQUEST, tokens, pos, pos, None
+        return spec, tokens, start, start, None
+    try:
+        if spec.block == BLOCK_STORAGE:
+            args = parse_storage(tokens)
+            return spec, tokens, start, start + args[3] + 2, args
+        nbytes = parse_meta_length(tokens)
+        return spec, tokens, start, start + nbytes + 2, nbytes
+    except ProtocolError:
+        return spec, tokens, start, start, None     # the handler says why
 
 
 def read_reply(buf, pos, expect):
@@ -2639,7 +2742,6 @@ class Listener:
 # its data block has not fully arrived. Errors are raised as ProtocolError
 # and written in one place, unless the command said noreply.
 
-UNKNOWN = UnknownCommand
 STATUS_LINES = {ST_STORED: STORED, ST_NOT_STORED: NOT_STORED, ST_EXISTS: EXISTS,
                 ST_NOT_FOUND: NOT_FOUND, ST_DELETED: DELETED}
 META_STATUS = {ST_STORED: b"HD", ST_NOT_STORED: b"NS", ST_EXISTS: b"EX", ST_NOT_FOUND: b"NF"}
@@ -2762,32 +2864,29 @@ class ServerConnection(Connection):
             self.share -= 1
             if self.share < 0:
                 return self._yield(pos)
-            eol = buf.find(b"\n", pos)
-            if eol < 0:
-                waiting = end - pos
-                if waiting > LINE_MAX_BYTES and not (
-                        waiting <= MULTIGET_LINE_MAX_BYTES and is_long_get(buf, pos)):
-                    if HTTP_REQUEST_START.match(buf, pos):   # a long URL: HTTP's limits
-                        return self._switch_to_http(buf, pos)
-                    raise Disconnect
+            framed = frame_request(buf, pos)
+            if framed is None:
                 self.need = 0
                 return pos
-            tokens = split_command(buf[pos:eol])
+            spec, tokens, start, after, args = framed
+            if spec is HTTP_REQUEST:
+                return self._switch_to_http(buf, pos)
             self.noreply = False
             try:
-                handler = handlers.get(tokens[0]) if tokens else None
-                if handler is None:
-                    if tokens and tokens[-1].startswith(b"HTTP/"):
-                        return self._switch_to_http(buf, pos)
+                if spec is None:
                     raise UNKNOWN
-                after = handler(self, tokens, buf, eol + 1)
+                if after == start:
+                    handlers[spec.name](self, tokens)
+                else:
+                    after, value = self._data_block(spec, tokens, args, buf, start, after)
+                    if after is None:
+                        self.need = framed[3] - pos
+                        return pos
+                    if value is not None:
+                        handlers[spec.name](self, tokens, args, value)
             except ProtocolError as err:
                 if not self.noreply:
                     self.write(err.line)
-                after = eol + 1
-            if after is None:
-                self.need = self.need - pos
-                return pos
             pos = after
         self.need = 0
         if self.continuation is not None and not self.closing:
@@ -2858,10 +2957,10 @@ class ServerConnection(Connection):
 
     # -- retrieval -----------------------------------------------------------
 
-    def cmd_get(self, tokens, buf, pos):
+    def cmd_get(self, tokens):
         if len(tokens) != 2:
             self._retrieve(tokens, 1, None, False)
-            return pos
+            return
         # The one-key get is most of the traffic: _retrieve without the loops.
         key = tokens[1]
         if len(key) > KEY_MAX_LENGTH:
@@ -2875,19 +2974,15 @@ class ServerConnection(Connection):
         else:
             stats["get_hits"] += 1
             self.writelines((item.rendered, END))
-        return pos
 
-    def cmd_gets(self, tokens, buf, pos):
+    def cmd_gets(self, tokens):
         self._retrieve(tokens, 1, None, True)
-        return pos
 
-    def cmd_gat(self, tokens, buf, pos):
+    def cmd_gat(self, tokens):
         self._retrieve(tokens, 2, self._exptime_arg(tokens, 1), False)
-        return pos
 
-    def cmd_gats(self, tokens, buf, pos):
+    def cmd_gats(self, tokens):
         self._retrieve(tokens, 2, self._exptime_arg(tokens, 1), True)
-        return pos
 
     def _retrieve(self, tokens, first, exptime, with_cas):
         """get/gets (exptime None) and gat/gats: VALUE blocks for the hits, then END."""
@@ -2934,59 +3029,62 @@ class ServerConnection(Connection):
 
     # -- storage -------------------------------------------------------------
 
-    def cmd_set(self, tokens, buf, pos):
-        return self._storage(tokens, buf, pos, self.store.set)
+    def cmd_set(self, tokens, args=None, value=None):
+        self._storage(tokens, args, value, self.store.set)
 
-    def cmd_add(self, tokens, buf, pos):
-        return self._storage(tokens, buf, pos, self.store.add)
+    def cmd_add(self, tokens, args=None, value=None):
+        self._storage(tokens, args, value, self.store.add)
 
-    def cmd_replace(self, tokens, buf, pos):
-        return self._storage(tokens, buf, pos, self.store.replace)
+    def cmd_replace(self, tokens, args=None, value=None):
+        self._storage(tokens, args, value, self.store.replace)
 
-    def cmd_append(self, tokens, buf, pos):
-        return self._storage(tokens, buf, pos, self.store.append)
+    def cmd_append(self, tokens, args=None, value=None):
+        self._storage(tokens, args, value, self.store.append)
 
-    def cmd_prepend(self, tokens, buf, pos):
-        return self._storage(tokens, buf, pos, self.store.prepend)
+    def cmd_prepend(self, tokens, args=None, value=None):
+        self._storage(tokens, args, value, self.store.prepend)
 
-    def cmd_cas(self, tokens, buf, pos):
-        return self._storage(tokens, buf, pos, self.store.cas, with_cas=True)
+    def cmd_cas(self, tokens, args=None, value=None):
+        self._storage(tokens, args, value, self.store.cas)
 
-    def _storage(self, tokens, buf, pos, method, with_cas=False):
-        """A storage command and its data block (memcached process_update_command)."""
-        arity = 6 if with_cas else 5
-        if len(tokens) != arity and len(tokens) != arity + 1:
-            raise UNKNOWN
+    def _storage(self, tokens, args, value, method):
+        """A storage command with its data (memcached process_update_command);
+        args None: its line did not parse, so say why."""
         self.noreply = tokens[-1] == NOREPLY
-        key, flags, exptime, nbytes, cas_unique = parse_storage(tokens, with_cas)
-        # memcached drops the old value of a too-large set: no stale reads
-        block = self._data_block(key, flags, nbytes, buf, pos, method == self.store.set)
-        if block is None:
-            return None
-        end, value = block
-        if value is None:
-            return end
-        args = (cas_unique,) if with_cas else ()
+        if args is None:
+            parse_storage(tokens)            # raises the error memcached gives
+        key, flags, exptime, nbytes, cas_unique = args
+        with_cas = method == self.store.cas
         try:
-            status = method(key, flags, exptime, value, *args)
+            status = method(key, flags, exptime, value, *((cas_unique,) if with_cas else ()))
         except ProtocolError as err:      # the log or the store cannot take it now
             self.reply(err.line)
-            return end
+            return
         if with_cas:
             self.stats[CAS_COUNTERS[status]] += 1
         self.reply(STATUS_LINES[status])
-        return end
 
-    def _data_block(self, key, flags, nbytes, buf, pos, drop_old):
-        """The data block of a storage command at buf[pos:]: (end offset, value).
+    def _data_block(self, spec, tokens, args, buf, start, end):
+        """(offset past the request, data) for a request whose data block is
+        buf[start:end] (the data and its CRLF).
 
-        None until it has all arrived. value is None when it is refused (too
-        large for -I; no room to hold it while it arrives, as memcached's item
-        allocation fails; not ended by CRLF) and the error reply is queued; a
-        refused block is skipped without being held, and with drop_old the
-        key's current item is deleted, as memcached unlinks it.
+        The offset is None until the block has all arrived. data is None when
+        the block is refused (ms flags that do not parse; too large for -I; no
+        room to hold it while it arrives, as memcached's item allocation
+        fails; not ended by CRLF): the reply is queued and a refused block is
+        skipped without being held. For set and ms a refusal for size also
+        deletes the key's current item, as memcached unlinks it.
         """
-        end = pos + nbytes + 2
+        self.noreply = spec.block == BLOCK_STORAGE and tokens[-1] == NOREPLY
+        if spec.block == BLOCK_STORAGE:
+            key, flags, nbytes = args[0], args[1], args[3]
+        else:
+            try:
+                key, flags = self._ms_flags(tokens)
+            except ClientError as err:       # memcached swallows the block
+                self.write(err.line)
+                return self._skip_block(buf, end), None
+            flags, nbytes = flags.get(70, 0), args
         refusal = None
         if not item_size_ok(key, flags, nbytes, self.server.item_size_max):
             self.stats["store_too_large"] += 1
@@ -2995,7 +3093,7 @@ class ServerConnection(Connection):
             self.stats["store_no_memory"] += 1
             refusal = NO_MEMORY
         if refusal is not None:
-            if drop_old:
+            if spec.name in (b"set", b"ms"):
                 try:
                     self.store.delete(key)
                 except ProtocolError:
@@ -3003,15 +3101,14 @@ class ServerConnection(Connection):
             self.reply(refusal.line)
             return self._skip_block(buf, end), None
         if end > len(buf):
-            self.need = end
-            return None
+            return None, None
         if self.reserved:
             self.server.release(self)
         self.stats["cmd_set"] += 1
         if buf[end - 2:end] != CRLF:
             self.reply(BAD_DATA_CHUNK.line)
             return end, None
-        return end, buf[pos:end - 2]
+        return end, buf[start:end - 2]
 
     def _skip_block(self, buf, end):
         """Discard a refused data block ending at `end`, which may not have arrived."""
@@ -3043,7 +3140,7 @@ class ServerConnection(Connection):
             raise flag_error from None
         return key, flags
 
-    def cmd_mg(self, tokens, buf, pos):
+    def cmd_mg(self, tokens):
         key, flags = self._meta_args(tokens, MG_TOO_LONG)
         store, stats = self.store, self.stats
         item = store.get(key, False)
@@ -3057,7 +3154,7 @@ class ServerConnection(Connection):
             echo = meta_echo(flags, key, 98 in flags)      # its errors are never quiet
             if 113 not in flags:                             # q
                 self.write(b" ".join([b"EN"] + echo) + CRLF)
-            return pos
+            return
         nbytes = item.nbytes
         out = [b"VA %d" % nbytes if 118 in flags else b"HD"]
         exptime = item.exptime
@@ -3121,36 +3218,22 @@ class ServerConnection(Connection):
             store.fetched(key, item)
         out = b" ".join(out) + CRLF
         self.writelines((out, memoryview(item.rendered)[item.vstart:]) if 118 in flags else (out,))
-        return pos
 
-    def cmd_ms(self, tokens, buf, pos):
-        if len(tokens) < 2:
-            raise UNKNOWN
-        if len(tokens[1]) > KEY_MAX_LENGTH or len(tokens) == 2:
-            raise BAD_FORMAT
-        if len(tokens) > META_TOKENS_MAX:
-            raise META_TOO_LONG
-        nbytes = parse_int32(tokens[2])
-        if nbytes is None or not 0 <= nbytes <= VALUE_LENGTH_MAX:
-            raise BAD_FORMAT
-        end = pos + nbytes + 2
-        try:
-            key, flags = parse_meta_flags(tokens, 3)
-            mode = flags.get(77, b"S")                       # M
-            if mode not in MS_MODES:
-                raise INVALID_MS_MODE
-            meta_echo(flags, key, False)             # its opaque error, before the data
-        except ClientError as err:
-            self.write(err.line)
-            return self._skip_block(buf, end)
+    @staticmethod
+    def _ms_flags(tokens):
+        """(key, flags) of an ms whose datalen parsed; ClientError as memcached checks them."""
+        key, flags = parse_meta_flags(tokens, 3)
+        if flags.get(77, b"S") not in MS_MODES:              # M
+            raise INVALID_MS_MODE
+        meta_echo(flags, key, False)                 # its opaque error, before the data
+        return key, flags
+
+    def cmd_ms(self, tokens, nbytes=None, value=None):
+        if nbytes is None:
+            parse_meta_length(tokens)        # raises the error memcached gives
+        key, flags = self._ms_flags(tokens)
+        mode = flags.get(77, b"S")
         client_flags = flags.get(70, 0)                      # F
-        # memcached unlinks the old item of a too-large ms whatever the mode
-        block = self._data_block(key, client_flags, nbytes, buf, pos, True)
-        if block is None:
-            return None
-        end, value = block
-        if value is None:
-            return end
         cas_unique = flags.get(67)                           # C
         binary = KEY_BINARY if 98 in flags else 0
         try:
@@ -3158,17 +3241,16 @@ class ServerConnection(Connection):
                                             cas_unique, 73 in flags, binary)
         except ProtocolError as err:      # the log or the store cannot take it now
             self.write(err.line)
-            return end
+            return
         if cas_unique is not None and mode in b"SR":
             self.stats[CAS_COUNTERS[status]] += 1
         if status == ST_STORED and 113 in flags:             # q
-            return end
+            return
         out = [META_STATUS[status]] + meta_echo(flags, key, binary,
                                                 item.cas if item is not None else 0)
         self.write(b" ".join(out) + CRLF)
-        return end
 
-    def cmd_md(self, tokens, buf, pos):
+    def cmd_md(self, tokens):
         key, flags = self._meta_args(tokens, META_TOO_LONG, INVALID_OR_DUPLICATE_FLAG)
         echo = meta_echo(flags, key, 98 in flags)          # memcached checks O before the delete
         store = self.store
@@ -3188,11 +3270,10 @@ class ServerConnection(Connection):
         if status != ST_STORED:
             self.stats["delete_misses"] += 1
         elif 113 in flags:
-            return pos
+            return
         self.write(b" ".join([META_STATUS[status]] + echo) + CRLF)
-        return pos
 
-    def cmd_ma(self, tokens, buf, pos):
+    def cmd_ma(self, tokens):
         key, flags = self._meta_args(tokens, META_TOO_LONG, INVALID_OR_DUPLICATE_FLAG)
         mode = flags.get(77, b"I")                           # M
         if mode not in MA_MODES:
@@ -3216,7 +3297,7 @@ class ServerConnection(Connection):
         if item is None:
             out = [META_STATUS[status]] + meta_echo(flags, key, 98 in flags)
             self.write(b" ".join(out) + CRLF)
-            return pos
+            return
         digits = b"%d" % result
         out = [b"VA %d" % len(digits) if 118 in flags else b"HD"]
         exptime = item.exptime
@@ -3243,16 +3324,14 @@ class ServerConnection(Connection):
         if opaque_too_long:
             raise OPAQUE_TOO_LONG
         if 113 in flags and not created:                     # q: quiet success
-            return pos
+            return
         out = b" ".join(out) + CRLF
         self.write(out + digits + CRLF if 118 in flags else out)
-        return pos
 
-    def cmd_mn(self, tokens, buf, pos):
+    def cmd_mn(self, tokens):
         self.write(b"MN\r\n")
-        return pos
 
-    def cmd_me(self, tokens, buf, pos):
+    def cmd_me(self, tokens):
         """`me <key> [b]`: memcached's item debug line, with its slab class and size."""
         if len(tokens) < 2 or len(tokens[1]) > KEY_MAX_LENGTH:
             raise BAD_FORMAT
@@ -3266,7 +3345,7 @@ class ServerConnection(Connection):
         item = self.store.get(key, False)
         if item is None:
             self.write(b"EN\r\n")
-            return pos
+            return
         now_s = int(self.store.now)
         binary = echo_base64(item, key, decoded)
         shown = binascii.b2a_base64(key, newline=False) if binary else key
@@ -3274,7 +3353,6 @@ class ServerConnection(Connection):
         self.write(b"ME %b exp=%d la=%d cas=%d fetch=%b cls=%d size=%d\r\n" % (
             shown, now_s - item.exptime if item.exptime else -1, now_s - int(abs(item.atime)),
             item.cas, b"yes" if item.atime > 0 else b"no", slab_class(size), size))
-        return pos
 
     # -- HTTP: the same items over HTTP/1.1 (README "HTTP") ---------------------
     #
@@ -3529,7 +3607,7 @@ class ServerConnection(Connection):
 
     # -- other commands ------------------------------------------------------
 
-    def cmd_delete(self, tokens, buf, pos):
+    def cmd_delete(self, tokens):
         ntokens = len(tokens)
         if not 2 <= ntokens <= 4:
             raise UNKNOWN
@@ -3543,15 +3621,14 @@ class ServerConnection(Connection):
         status = self.store.delete(key)
         self.stats["delete_hits" if status == ST_DELETED else "delete_misses"] += 1
         self.reply(STATUS_LINES[status])
-        return pos
 
-    def cmd_incr(self, tokens, buf, pos):
-        return self._arith(tokens, pos, True)
+    def cmd_incr(self, tokens):
+        self._arith(tokens, True)
 
-    def cmd_decr(self, tokens, buf, pos):
-        return self._arith(tokens, pos, False)
+    def cmd_decr(self, tokens):
+        self._arith(tokens, False)
 
-    def _arith(self, tokens, pos, incr):
+    def _arith(self, tokens, incr):
         if len(tokens) not in (3, 4):
             raise UNKNOWN
         self.noreply = tokens[-1] == NOREPLY
@@ -3565,9 +3642,8 @@ class ServerConnection(Connection):
         name = "incr" if incr else "decr"
         self.stats[name + ("_misses" if status == ST_NOT_FOUND else "_hits")] += 1
         self.reply(NOT_FOUND if status == ST_NOT_FOUND else b"%d\r\n" % value)
-        return pos
 
-    def cmd_touch(self, tokens, buf, pos):
+    def cmd_touch(self, tokens):
         if len(tokens) not in (3, 4):
             raise UNKNOWN
         self.noreply = tokens[-1] == NOREPLY
@@ -3576,9 +3652,8 @@ class ServerConnection(Connection):
         self.stats["cmd_touch"] += 1
         self.stats["touch_misses" if item is None else "touch_hits"] += 1
         self.reply(NOT_FOUND if item is None else TOUCHED)
-        return pos
 
-    def cmd_flush_all(self, tokens, buf, pos):
+    def cmd_flush_all(self, tokens):
         if len(tokens) > 3:
             raise UNKNOWN
         self.noreply = tokens[-1] == NOREPLY
@@ -3588,25 +3663,22 @@ class ServerConnection(Connection):
         self.stats["cmd_flush"] += 1
         self.store.flush_all(delay)
         self.reply(OK)
-        return pos
 
-    def cmd_version(self, tokens, buf, pos):
+    def cmd_version(self, tokens):
         self.write(b"VERSION " + VERSION_STRING + CRLF)
-        return pos
 
-    def cmd_verbosity(self, tokens, buf, pos):
+    def cmd_verbosity(self, tokens):
         if len(tokens) not in (2, 3):
             raise UNKNOWN
         self.noreply = tokens[-1] == NOREPLY
         if parse_uint64(tokens[1]) is None:
             raise BAD_FORMAT
         self.reply(OK)
-        return pos
 
-    def cmd_stats(self, tokens, buf, pos):
+    def cmd_stats(self, tokens):
         if len(tokens) == 1:
             self.write(encode_stats(self.server.general_stats()))
-            return pos
+            return
         sub = tokens[1]
         if sub == b"reset":
             self.server.reset_stats()
@@ -3625,9 +3697,8 @@ class ServerConnection(Connection):
             self.write(END)   # no slab allocator: memcached's answer for an empty cache
         else:
             raise UNKNOWN
-        return pos
 
-    def cmd_cache_memlimit(self, tokens, buf, pos):
+    def cmd_cache_memlimit(self, tokens):
         """`cache_memlimit <megabytes> [noreply]`: change -m at run time."""
         if len(tokens) not in (2, 3):
             raise UNKNOWN
@@ -3642,13 +3713,11 @@ class ServerConnection(Connection):
         else:
             self.store.set_memory_limit(megabytes << 20)
             self.reply(OK)
-        return pos
 
-    def cmd_quit(self, tokens, buf, pos):
+    def cmd_quit(self, tokens):
         self.close_when_sent()
-        return pos
 
-    def cmd_shutdown(self, tokens, buf, pos):
+    def cmd_shutdown(self, tokens):
         if not self.server.enable_shutdown:
             self.write(b"ERROR: shutdown not enabled\r\n")
         elif len(tokens) == 1 or (len(tokens) == 2 and tokens[1] == b"graceful"):
@@ -3656,7 +3725,6 @@ class ServerConnection(Connection):
             self.server.shutdown()
         else:
             raise ClientError(b"invalid shutdown mode")
-        return pos
 
     # -- argument helpers ----------------------------------------------------
 
