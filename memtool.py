@@ -2480,7 +2480,7 @@ class Connection:
     called in the next pass.
     """
 
-    def __init__(self, loop, sock, addr):
+    def __init__(self, loop, sock, addr, events=selectors.EVENT_READ):
         sock.setblocking(False)
         self.loop = loop             # the EventLoop we live in
         self.sock = sock             # the connected socket
@@ -2496,8 +2496,8 @@ class Connection:
         self.closed = False
         self.bytes_read = 0          # counters for stats, summed by the owner
         self.bytes_written = 0
-        self.events = selectors.EVENT_READ
-        loop.selector.register(sock, self.events, self._on_event)
+        self.events = events         # what the selector watches for
+        loop.selector.register(sock, events, self._on_event)
 
     def write(self, data):
         self.outbuf.append(data)
@@ -2669,6 +2669,138 @@ class Connection:
         if events != self.events:
             self.events = events
             self.loop.selector.modify(self.sock, events, self._on_event)
+
+
+class Upstream(Connection):
+    """The asking side of a connection: requests out, replies paired with them in
+    order, since memcached replies carry no request id (twemproxy's out_q).
+
+    Proxy backends, replication links and bench use it. address: (host, port),
+    an IP address (resolve names beforehand): the connect does not block.
+    send() may queue requests before the connection is up. on_reply(context,
+    status, hits, raw) is called for each reply, in order: status is its last
+    line (bytes; b"END", b"STORED", an error line...), hits the values it
+    carried (read_reply), raw its bytes. after_replies(), if given, is called
+    once after each read that completed replies. A request waits `timeout`
+    seconds at most for its reply (None: forever; one timer per connection,
+    for the oldest request), the connect `connect_timeout`. On any failure
+    (a refused, dropped or timed-out connection, a reply that does not parse,
+    bytes nobody asked for) fail(reason) closes the connection and calls
+    on_reply(context, None, None, reason) for every request still waiting:
+    reason is "connect", "disconnect", "timeout" or "parse", and `error`
+    says more. A failed Upstream stays closed: make a new one.
+    """
+
+    def __init__(self, loop, address, on_reply, after_replies=None, timeout=None,
+                 connect_timeout=None):
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        code = sock.connect_ex(address)
+        super().__init__(loop, sock, address, selectors.EVENT_WRITE)
+        self.on_reply = on_reply         # called for each reply (see above)
+        self.after_replies = after_replies  # called after a read that completed replies
+        self.timeout = timeout           # seconds a request may wait for its reply
+        self.pending = collections.deque()  # (expect, context, deadline) per request sent
+        self.inbuf = b""                 # bytes of an incomplete reply
+        self.connected = False           # the connect has completed
+        self.error = None                # why it failed, for logs and messages
+        self.timer = None                # the deadline timer of the oldest request
+        if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            loop.call_soon(lambda: self.fail("connect", os.strerror(code)))
+        elif connect_timeout is not None:
+            loop.call_later(connect_timeout, self._connect_expired)
+
+    def send(self, data, expect, context=None):
+        """Write a request; expect is its REPLY_* kind, None when no reply comes
+        (noreply, meta q); context goes back to on_reply with the reply."""
+        if expect is not None:
+            if self.timeout is None:
+                self.pending.append((expect, context, 0))
+            else:
+                self.pending.append((expect, context, time.monotonic() + self.timeout))
+                if self.timer is None:
+                    self._arm()
+        self.write(data)
+
+    def fail(self, reason, detail=None):
+        """Close and answer every waiting request with the failure `reason`."""
+        if self.error is None:
+            self.error = f"{self.addr[0]}:{self.addr[1]}: {detail or reason}"
+        pending, self.pending = self.pending, collections.deque()
+        self.close()
+        for _, context, _ in pending:
+            self.on_reply(context, None, None, reason)
+
+    def flush(self):
+        if self.connected:
+            super().flush()
+        else:
+            self.queued = False       # sent once the connect completes
+
+    def data_received(self, data):
+        buf = self.inbuf + data if self.inbuf else data
+        pos = 0
+        pending = self.pending
+        try:
+            while pending:
+                expect, context, _ = pending[0]
+                reply = read_reply(buf, pos, expect)
+                if reply is None:
+                    break
+                end, status, hits = reply
+                pending.popleft()
+                self.on_reply(context, status, hits, buf[pos:end])
+                pos = end
+                if self.closed:
+                    return
+        except BadReply as err:
+            self.fail("parse", str(err))
+            return
+        self.inbuf = buf[pos:]
+        if self.inbuf and not pending:
+            self.on_reply(None, None, None, "parse")
+            self.fail("parse", "bytes nobody asked for")
+            return
+        if pos and self.after_replies is not None:
+            self.after_replies()
+
+    def connection_lost(self):
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.pending:
+            self.fail("disconnect", "the server closed the connection")
+
+    def _on_event(self, mask):
+        if self.connected or self.closed:
+            return super()._on_event(mask)
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self.fail("connect", os.strerror(code))
+            return
+        self.connected = True
+        self.events = 0
+        if self.outbuf:
+            super().flush()
+        self._update_events()
+
+    def _connect_expired(self):
+        if not (self.connected or self.closed):
+            self.fail("connect", "connect timed out")
+
+    def _arm(self):
+        when = self.pending[0][2] - time.monotonic()
+        self.timer = self.loop.call_later(max(when, 0.0), self._expire)
+
+    def _expire(self):
+        self.timer = None
+        if not self.pending:
+            return
+        if self.pending[0][2] <= time.monotonic():
+            self.fail("timeout", "no reply within %g s" % self.timeout)
+        else:
+            self._arm()
 
 
 class Listener:
@@ -4332,62 +4464,6 @@ def make_value(key, version, size):
     return (seed * (size // len(seed) + 1))[:size]
 
 
-class BenchConnection(Connection):
-    """One client's connection to one server; replies pair with requests in order."""
-
-    def __init__(self, client, server_index, sock):
-        super().__init__(client.run.loop, sock, client.run.addresses[server_index])
-        self.client = client             # the BenchClient this belongs to
-        self.server_index = server_index
-        self.pending = collections.deque()  # (kind, expect, sent at, keys, versions, nbytes)
-        self.inbuf = b""
-
-    def send_request(self, kind, expect, data, keys, versions):
-        self.pending.append((kind, expect, time.perf_counter(), keys, versions, len(data)))
-        self.write(data)
-
-    def fail(self, kind):
-        """Count every request in flight as an error of `kind` and drop the connection."""
-        if self.pending:
-            self.client.run.errors[kind] += len(self.pending)
-            self.client.in_flight -= len(self.pending)
-            self.pending.clear()
-        self.close()
-
-    def data_received(self, data):
-        buf = self.inbuf + data if self.inbuf else data
-        pos = 0
-        try:
-            while self.pending:
-                kind, expect, sent_at, keys, versions, nbytes = self.pending[0]
-                reply = read_reply(buf, pos, expect)
-                if reply is None:
-                    break
-                end, status, hits = reply
-                if kind == "set" and status not in SET_REPLIES and \
-                        not status.startswith(ERROR_PREFIXES):
-                    raise BadReply(f"{status[:80]!r} is no reply to a set")
-                self.pending.popleft()
-                self.client.complete(kind, sent_at, keys, versions, status, hits,
-                                     nbytes + end - pos)
-                pos = end
-        except BadReply as err:
-            log.debug("bench: %s from %s", err, self.addr)
-            self.fail("parse")
-            return
-        self.inbuf = buf[pos:]
-        if self.inbuf and not self.pending:
-            self.client.run.errors["parse"] += 1   # bytes nobody asked for
-            self.close()
-            return
-        self.client.fill()
-
-    def connection_lost(self):
-        if not self.client.run.finished:
-            self.fail("disconnect")
-        self.client.lost(self)
-
-
 class BenchClient:
     """A logical client: one connection per server, `pipeline` requests in flight."""
 
@@ -4396,7 +4472,7 @@ class BenchClient:
         self.number = number            # global client number g of G
         self.keys = len(range(run.key_minimum + number, run.key_maximum + 1, run.clients_total))
         self.rng = random.Random(None if run.seed is None else run.seed * 1000003 + number)
-        self.connections = [None] * len(run.addresses)
+        self.connections = [None] * len(run.addresses)   # an Upstream per server, once used
         self.in_flight = 0
         self.issued = 0                 # requests sent
         self.step = 0                   # position in the set:get cycle
@@ -4426,10 +4502,28 @@ class BenchClient:
             if conn is not None and conn.outbuf:
                 conn.flush()
 
-    def complete(self, kind, sent_at, keys, versions, status, hits, nbytes):
+    def complete(self, context, status, hits, raw):
+        """Upstream.on_reply: count the reply (or failure) to one request."""
         run = self.run
+        if context is None:                     # bytes nobody asked for
+            run.errors[raw] += 1
+            return
+        kind, sent_at, keys, versions, nbytes, server_index = context
         self.in_flight -= 1
+        if status is not None and kind == "set" and status not in SET_REPLIES \
+                and not status.startswith(ERROR_PREFIXES):
+            self.connections[server_index].fail("parse", f"{status[:80]!r} is no reply to a set")
+            status, raw = None, "parse"
+        if status is None:                      # the request failed: raw says how
+            run.errors[raw] += 1
+            if raw == "connect":
+                run.connect_error = self.connections[server_index].error
+                self.finish()
+            elif not self.done:
+                run.loop.call_soon(self.fill)  # the connection is gone: go on with a new one
+            return
         stats = run.sets if kind == "set" else run.gets
+        nbytes += len(raw)
         if status.startswith(ERROR_PREFIXES):
             run.errors[status.split(b" ", 1)[0].lower().decode()] += 1
         elif run.recording:
@@ -4446,11 +4540,6 @@ class BenchClient:
                 run.written[keys[0]] = versions
         elif kind == "verify":
             run.check(keys, hits)
-
-    def lost(self, conn):
-        self.connections[conn.server_index] = None
-        if not self.done:
-            self.fill()
 
     def finish(self):
         if not self.done:
@@ -4504,27 +4593,15 @@ class BenchClient:
                 owners.setdefault(run.continuum.index(run.key(index)), []).append(index)
             groups = owners.items()
         for server_index, group in groups:
-            conn = self.connections[server_index] or self._connection(server_index)
-            if conn is None:
-                continue
+            conn = self.connections[server_index]
+            if conn is None or conn.closed:
+                conn = self.connections[server_index] = Upstream(
+                    run.loop, run.addresses[server_index], self.complete, self.fill,
+                    run.timeout, run.timeout)
             data, expect = run.encode(kind, group, versions)
-            conn.send_request(kind, expect, data, group, versions)
+            conn.send(data, expect,
+                      (kind, time.perf_counter(), group, versions, len(data), server_index))
             self.in_flight += 1
-
-    def _connection(self, server_index):
-        conn = self.connections[server_index]
-        if conn is None:
-            address = self.run.addresses[server_index]
-            try:
-                sock = socket.create_connection(address, timeout=self.run.timeout)
-            except OSError as err:
-                self.run.errors["connect"] += 1
-                self.run.connect_error = f"cannot connect to {address[0]}:{address[1]}: {err}"
-                self.finish()
-                return None
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = self.connections[server_index] = BenchConnection(self, server_index, sock)
-        return conn
 
 
 class BenchRun:
@@ -4552,12 +4629,12 @@ class BenchRun:
         self.prefilled = 0
         self.recording = False
         self.stopping = False
-        self.finished = False
         self.connect_error = None
         self.active = 0
         self.clients_list = [BenchClient(self, worker * self.clients + i)
                              for i in range(self.clients)]
-        self.loop.call_every(0.25, self._check_timeouts)
+        if progress is not None:
+            self.loop.call_every(0.25, self._report_progress)
 
     def key(self, index):
         return b"%b%d" % (self.prefix, index)
@@ -4599,10 +4676,10 @@ class BenchRun:
         if self.verify:
             self._phase(lambda c: [("verify", chunk, None) for chunk in self._chunks(c)],
                         pipeline=PREFILL_PIPELINE)
-        self.finished = True
         for client in self.clients_list:
             for conn in client.connections:
                 if conn is not None:
+                    conn.pending.clear()      # a run that ended owes no replies
                     conn.close()
         self.loop.close()
         if self.connect_error:
@@ -4653,14 +4730,8 @@ class BenchRun:
         for client in self.clients_list:
             client.fill()
 
-    def _check_timeouts(self):
-        current = time.perf_counter()
-        for client in self.clients_list:
-            for conn in client.connections:
-                if conn is not None and conn.pending and current - conn.pending[0][2] > self.timeout:
-                    conn.fail("timeout")
-        if self.progress is not None:
-            self.progress(self.worker, self.sets.ops + self.gets.ops)
+    def _report_progress(self):
+        self.progress(self.worker, self.sets.ops + self.gets.ops)
 
 
 class ProgressLine:
