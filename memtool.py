@@ -298,6 +298,7 @@ NON_NUMERIC_VALUE = ClientError.refusal(b"cannot increment or decrement non-nume
 BAD_DATA_CHUNK = ClientError.refusal(b"bad data chunk")
 TOO_LARGE = ServerError.refusal(b"object too large for cache")
 NO_MEMORY = ServerError.refusal(b"out of memory storing object")
+LINE_NO_MEMORY = ServerError.refusal(b"out of memory reading request")
 DELETE_USAGE = ClientError.refusal(b"bad command line format.  Usage: delete <key> [noreply]")
 
 
@@ -1308,16 +1309,22 @@ def store_files(data_dir):
 
 def recorded_engine(data_dir):
     """The engine whose data data_dir holds: its ENGINE_FILE, else the engine
-    whose store file is there (directories from before the file); None when new."""
+    whose store file is there (directories from before the file); None when new.
+
+    Raises ConfigError when there is no ENGINE_FILE and several engines' files.
+    """
     try:
         with open(os.path.join(data_dir, ENGINE_FILE)) as f:
             return f.read().strip()
     except FileNotFoundError:
         pass
-    for name in store_files(data_dir):
-        engine = name.split(".")[1]
-        return {"sqlite3": "sqlite"}.get(engine, engine)
-    return None
+    found = {name.split(".")[1] for name in store_files(data_dir)}
+    found = sorted({"sqlite3": "sqlite"}.get(engine, engine) for engine in found)
+    if len(found) > 1:
+        raise ConfigError(f"{data_dir} holds stores of several engines ({', '.join(found)}) "
+                          f"and no {ENGINE_FILE} file saying which is in use: move the "
+                          f"others away, or write the engine's name into {ENGINE_FILE}")
+    return found[0] if found else None
 
 
 def record_engine(data_dir, engine):
@@ -1382,9 +1389,9 @@ class Store:
         self.evictions = self.reclaimed = self.total_items = 0
         self.expired_unfetched = self.evicted_unfetched = 0
         self.curr_items = self.bytes = 0      # items on disk (or held) and their bytes
-        self.undo = {}                        # key -> (pending entry or MISSING, its
-                                              # exptime) before this batch changed it
-        self.undo_flush = None                # (flush_cas, flush_deadline) before it
+        self.undo = None                      # while a batch is open: key -> (pending entry
+                                              # or MISSING, its exptime) before it changed
+        self.undo_counts = None               # ... and the counters and flush state before
         self.damaged = set()                  # keys whose engine rows do not decode
         self.checkpoint_error = None          # why the last checkpoint failed, or None
         meta = self._read_meta() if engine is not None else {}
@@ -1575,10 +1582,16 @@ class Store:
     # -- housekeeping --------------------------------------------------------
 
     def tick(self, when):
-        """Advance the clock; a delayed flush_all whose deadline passed takes effect."""
+        """Advance the clock; a delayed flush_all whose deadline passed takes effect,
+        logged with the cas threshold it took, so that a replay repeats it exactly."""
         self.now = when
         if self.flush_deadline and when >= self.flush_deadline:
-            self._flush(0, self.last_cas + 1)
+            threshold = self.last_cas + 1
+            try:
+                self._journal(OP_FLUSH, b"", 0, 0, threshold, b"")
+            except ProtocolError:
+                return     # the log refuses writes now: at a later tick
+            self._flush(0, threshold)
 
     def sweep(self, limit=SWEEP_STEP_ITEMS):
         """Remove up to `limit` expired or flushed items from disk; a bounded step."""
@@ -1594,10 +1607,11 @@ class Store:
         for key, header in rows:
             if len(key) > KEY_MAX_LENGTH or key in self.pending:
                 continue   # the meta record, or a key whose disk row is out of date
-            if len(header) < RECORD_HEADER.size:
+            try:
+                _, exptime, cas = RECORD_HEADER.unpack(header)
+            except (struct.error, TypeError):
                 self._decode(key, header)      # logs the damaged row once
                 continue
-            _, exptime, cas = RECORD_HEADER.unpack(header)
             cas &= RECORD_CAS_MASK
             if (exptime and exptime <= self.now) or cas < self.flush_cas:
                 self._remove(key, len(key) + self.engine.size(key))
@@ -1608,8 +1622,7 @@ class Store:
     def commit(self, log_position=None, force=False):
         """End of a batch, which the log now holds: note how far the log goes;
         checkpoint when one is due."""
-        self.undo.clear()
-        self.undo_flush = None
+        self.undo = None
         if log_position is not None:
             self.log_position = log_position
         if self.checkpoint_error is not None and self.now < self.checkpointed:
@@ -1654,14 +1667,12 @@ class Store:
         return True
 
     def rollback(self):
-        """Undo the batch (the changes journaled since the last commit()): the
-        log could not take it. Items, pending changes and counters return to
-        what they were; cas uniques handed out meanwhile stay used."""
+        """Undo the batch (every change since the last commit()): the log could
+        not take it. Items, pending changes, counters and the flush state return
+        to what they were; cas uniques handed out meanwhile stay used."""
+        if self.undo is None:
+            return
         for key, (prior, exptime) in self.undo.items():
-            before = self._layer_size(key, prior)
-            after = self._layer_size(key, self.pending.get(key, MISSING))
-            self.curr_items += (before is not None) - (after is not None)
-            self.bytes += (before or 0) - (after or 0)
             if prior is MISSING:
                 self.pending.pop(key, None)
             else:
@@ -1671,10 +1682,9 @@ class Store:
             cached = self.cache.pop(key, None)
             if cached is not None:
                 self.cache_bytes -= self._footprint(key, cached)
-        if self.undo_flush is not None:
-            self.flush_cas, self.flush_deadline = self.undo_flush
-        self.undo.clear()
-        self.undo_flush = None
+        (self.curr_items, self.bytes, self.total_items, self.flush_cas,
+         self.flush_deadline) = self.undo_counts
+        self.undo = None
 
     def apply(self, op, key, flags, exptime, cas, value):
         """Apply one effect record (replay, replication); the inverse of journal."""
@@ -1731,30 +1741,27 @@ class Store:
         return meta
 
     def _journal(self, op, key, flags, exptime, cas, value):
-        """Hand a new change to the journal (which may refuse it by raising),
-        then remember what it replaces, for rollback()."""
-        if self.journal is None:
-            return
-        self.journal(op, key, flags, exptime, cas, value)
-        if op == OP_FLUSH:
-            if self.undo_flush is None:
-                self.undo_flush = (self.flush_cas, self.flush_deadline)
-        elif key not in self.undo:
-            prior = self.pending.get(key, MISSING)
-            self.undo[key] = (prior, prior.exptime if isinstance(prior, Item) else 0)
+        """Hand a new change to the journal, which may refuse it by raising."""
+        if self.journal is not None:
+            self.journal(op, key, flags, exptime, cas, value)
 
-    def _layer_size(self, key, entry):
-        """Size stored under key given its pending entry (MISSING: the engine's)."""
-        if entry is MISSING:
-            size = self.engine.size(key)
-            return None if size is None else len(key) + size
-        return entry.size if entry else None
+    def _keep(self, key):
+        """Remember what is pending for key (and the counters) before the open
+        batch first changes it, for rollback(); a logged store only."""
+        undo = self.undo
+        if undo is None:
+            undo = self.undo = {}
+            self.undo_counts = (self.curr_items, self.bytes, self.total_items,
+                                self.flush_cas, self.flush_deadline)
+        if key not in undo:
+            prior = self.pending.get(key, MISSING)
+            undo[key] = (prior, prior.exptime if prior.__class__ is Item else 0)
 
     def _decode(self, key, record):
         """The Item of an engine row, or None (logged once) when it does not decode."""
         try:
             return Item.from_record(key, record)
-        except struct.error:
+        except (struct.error, TypeError):      # too short, or not a blob
             if key not in self.damaged:
                 if len(self.damaged) < DAMAGED_KEYS_LOGGED:
                     log.error("store: the row of key %r does not decode (%d bytes); treating "
@@ -1764,6 +1771,8 @@ class Store:
             return None
 
     def _flush(self, deadline, threshold):
+        if self.journal is not None:
+            self._keep(b"")
         self.meta_dirty = True
         if deadline and deadline > self.now:
             self.flush_deadline = deadline
@@ -1772,6 +1781,8 @@ class Store:
             self.flush_deadline = 0
 
     def _retime(self, key, item, exptime):
+        if self.journal is not None:
+            self._keep(key)
         item.exptime = exptime
         self.pending[key] = item
 
@@ -1788,11 +1799,13 @@ class Store:
             except self.engine.errors as err:
                 log.error("store: reading key %r failed: %s", key, err)
                 raise STORE_UNREADABLE from None
-            item = None if record is None else self._decode(key, record)
-            if item is None:
+            if record is None:
                 # Remember the miss: a get-heavy client asking for absent keys
                 # would otherwise cost one engine lookup per request.
                 self._cache_put(key, ABSENT)
+                return None
+            item = self._decode(key, record)
+            if item is None:
                 return None
             item.atime = -self.now
         if (item.exptime and item.exptime <= self.now) or item.cas < self.flush_cas:
@@ -1831,6 +1844,8 @@ class Store:
             self.last_cas = cas = self.last_cas + 1
             self._journal(OP_SET | (state & PERSISTED_STATE) << 4, key, flags, exptime, cas,
                           value)
+        if self.journal is not None:
+            self._keep(key)
         item = Item(key, flags, exptime, cas, value, state)
         item.atime = -self.now
         if old_size is None:
@@ -1853,6 +1868,8 @@ class Store:
         return item
 
     def _remove(self, key, size):
+        if self.journal is not None:
+            self._keep(key)
         item = self.cache.pop(key, None)
         if item is not None:
             self.cache_bytes -= self._footprint(key, item)
@@ -1868,7 +1885,11 @@ class Store:
             if key in self.pending:
                 item = self.pending[key]
             else:
-                size = self.engine.size(key)
+                try:
+                    size = self.engine.size(key)
+                except self.engine.errors as err:
+                    log.error("store: reading key %r failed: %s", key, err)
+                    raise STORE_UNREADABLE from None
                 return None if size is None else len(key) + size
         return item.size if item else None
 
@@ -1943,6 +1964,7 @@ ULOG_BODY = struct.Struct("<QIBIqQH")
 ULOG_RECORD_MAX = (1 << 30) + (64 << 10)   # a body longer than the largest item is damage
 ULOG_SUFFIX = ".ulog"
 ULOG_PRUNED = "PRUNED"
+ULOG_ZERO_TAIL_BYTES = 16         # a run of zeros this long ends a torn file, not data
 ULOG_READ_BYTES = 1 << 20       # replay and check read files this much at a time
 ULOG_RETRY_SECONDS = 1.0        # an unwritable log is tried again this often
 ULOG_RETRY_ROOM = 64 << 10      # ... once the disk has this much more room than the failed write
@@ -1965,15 +1987,23 @@ def read_record(buf, pos):
     end = start + length
     if end > len(buf):
         return None
-    body = buf[start:end]
-    if zlib.crc32(body) != crc:
+    ts, sid, op, flags, exptime, cas, keylen = ULOG_BODY.unpack_from(buf, start)
+    if keylen > KEY_MAX_LENGTH or ULOG_BODY.size + keylen > length \
+            or not OP_SET <= op & 0x0F <= OP_FLUSH:
+        raise LogCorrupt("bad record header")
+    if zlib.crc32(memoryview(buf)[start:end]) != crc:
         raise LogCorrupt("crc32 mismatch")
-    ts, sid, op, flags, exptime, cas, keylen = ULOG_BODY.unpack_from(body)
-    key_end = ULOG_BODY.size + keylen
-    if key_end > length:
-        raise LogCorrupt("key longer than the record")
-    return Record(ts, sid, op, bytes(body[ULOG_BODY.size:key_end]), flags, exptime, cas,
-                  bytes(body[key_end:])), end
+    key_start = start + ULOG_BODY.size
+    return Record(ts, sid, op, bytes(buf[key_start:key_start + keylen]), flags, exptime, cas,
+                  bytes(buf[key_start + keylen:end])), end
+
+
+def _frame_end(buf, pos):
+    """Offset past the frame that starts at buf[pos:], as its header says (or
+    past the header, while that is incomplete)."""
+    if len(buf) - pos < ULOG_FRAME.size:
+        return pos + ULOG_FRAME.size
+    return pos + ULOG_FRAME.size + ULOG_FRAME.unpack_from(buf, pos)[1]
 
 
 def encode_record(record):
@@ -2011,7 +2041,8 @@ def _is_torn_tail(buf, pos, newest):
     file may end so."""
     if not newest or next_record_at(buf, pos + 1) >= 0:
         return False
-    if buf.endswith(b"\0"):
+    zeros = len(buf) - len(buf.rstrip(b"\0"))
+    if zeros >= min(ULOG_ZERO_TAIL_BYTES, len(buf) - pos - ULOG_FRAME.size):
         return True
     try:
         return read_record(buf, pos) is None
@@ -2054,15 +2085,17 @@ class LogReader:
         path = os.path.join(self.directory, self.name)
         with open(path, "rb") as f:
             f.seek(self.offset)
-            buf, pos = b"", 0
+            buf, pos, want = b"", 0, ULOG_READ_BYTES
             while True:
-                chunk = f.read(ULOG_READ_BYTES)
+                chunk = f.read(want)
                 buf = buf[pos:] + chunk
                 pos = 0
                 try:
                     while True:
                         found = read_record(buf, pos)
                         if found is None:
+                            # the rest of a long record at once, not chunk by chunk
+                            want = max(ULOG_READ_BYTES, _frame_end(buf, pos) - len(buf))
                             break
                         record, end = found
                         self.offset += end - pos
@@ -2132,9 +2165,9 @@ class UpdateLog:
         self.fd = None               # current file, opened by open()
         self.name = None             # its name
         self.offset = 0              # its size: where the next record goes
-        self.error = None            # the OSError of the last failed write/fsync, until
-                                     # a write succeeds again
-        self.refusing = False        # append() refuses: the log cannot be written now
+        self.error = None            # the OSError of the last failed write or fsync,
+                                     # until a write succeeds again
+        self.retrying = False        # ... and since then the retry is under way
         self.retry_at = 0.0          # monotonic time when writes are tried again
         self.cut_to = None           # offset the file must be cut back to first
         self.failed_bytes = 0        # size of the write that failed
@@ -2156,7 +2189,7 @@ class UpdateLog:
         Raises OUT_OF_SPACE or LOG_UNWRITABLE while the log cannot be written,
         so the caller changes nothing it could not log.
         """
-        if self.refusing and not self._retry():
+        if self.error is not None and not self.retrying and not self._retry():
             raise self.refusal
         ts = int(time.time() * 1e6)
         if ts <= self.last_ts:
@@ -2193,6 +2226,7 @@ class UpdateLog:
         if self.error is not None:
             log.warning("update log %s: writable again", self.directory)
             self.error = None
+            self.retrying = False
         if self.offset >= self.limit:
             self._rotate()
         return True
@@ -2270,7 +2304,7 @@ class UpdateLog:
                     return False
         except OSError:
             return False
-        self.refusing = False
+        self.retrying = True
         return True
 
     def _fail(self, err, nbytes, cut_to):
@@ -2278,7 +2312,7 @@ class UpdateLog:
             log.error("update log %s: %s; refusing writes until it can be written "
                       "(retrying every %g s)", self.directory, err, ULOG_RETRY_SECONDS)
         self.error = err
-        self.refusing = True
+        self.retrying = False
         self.failed_bytes = nbytes
         self.retry_at = time.monotonic() + ULOG_RETRY_SECONDS
         if cut_to is not None:
@@ -2401,14 +2435,13 @@ class EventLoop:
         select = self.selector.select
         while self.running:
             events = select(self._timeout())
+            callbacks, self.soon = self.soon, []    # what events defer runs next pass
             for hook in self.ready_hooks:
                 self._call(hook)
             for key, mask in events:
                 self._call(key.data, mask)
-            if self.soon:
-                callbacks, self.soon = self.soon, []
-                for callback in callbacks:
-                    self._call(callback)
+            for callback in callbacks:
+                self._call(callback)
             self._run_timers()
             self.end_pass()
 
@@ -2655,7 +2688,8 @@ class Connection:
 
     def _update_events(self):
         if self.closing and not self.unsent:
-            self.close()
+            if not self.outbuf:       # else flush() comes back here once it is sent
+                self.close()
             return
         events = 0
         if self.unsent:
@@ -2665,7 +2699,7 @@ class Connection:
             events |= selectors.EVENT_READ
             if self.paused:
                 self.paused = False
-                self.loop.call_later(0, self.resume)
+                self.loop.call_soon(self._release)
         if events != self.events:
             self.events = events
             self.loop.selector.modify(self.sock, events, self._on_event)
@@ -2941,6 +2975,7 @@ class ServerConnection(Connection):
         self.batch_start = -1        # outbuf index of this pass's first logged write
         self.noreply = False         # the current command said noreply
         self.process = self._sniff   # the parser for what arrives (process, process_http)
+        self.http_mode = False       # the connection switched to HTTP
         self.http_close = False      # HTTP: close after the reply being built
         self.http_keep_alive_10 = False  # HTTP/1.0 request that asked for keep-alive
         self.http_continued = False  # HTTP: 100 Continue sent for the pending request
@@ -2968,11 +3003,16 @@ class ServerConnection(Connection):
                 if len(self.inbuf) < self.need:
                     return
                 data = bytes(self.inbuf)
-        self.server.current = self
+        server = self.server
+        server.current = self
+        if server.store.undo is not None and self.batch_start < 0:
+            server.track_batch(self)     # what it reads may be undone with the batch
         pos = self.process(data, start)
-        self.server.current = None
+        server.current = None
         if pos >= len(data):
             self.inbuf = b""
+            if self.reserved and self.http_pending is None:
+                server.release(self)      # nothing incomplete is held any more
         elif self.held or self.paused:
             self.inbuf = b""
             self.backlog = (data, pos)
@@ -2987,7 +3027,13 @@ class ServerConnection(Connection):
         outbuf, check_at = self.outbuf, self.check_at
         self.share = self.server.reqs_per_event
         if self.continuation is not None:
-            self._retrieve_part(*self.continuation)
+            if self.backed_up():
+                return self._pause(pos)
+            try:
+                self._retrieve_part(*self.continuation)
+            except ProtocolError as err:
+                self.continuation = None
+                self.write(err.line)
         while pos < end and not self.closing:
             if len(outbuf) > check_at:
                 if self.backed_up():
@@ -2998,6 +3044,10 @@ class ServerConnection(Connection):
                 return self._yield(pos)
             framed = frame_request(buf, pos)
             if framed is None:
+                if end - pos > LINE_MAX_BYTES and not self.server.reserve(self, end - pos):
+                    self.write(LINE_NO_MEMORY.line)     # a long multiget line, held
+                    self.close_when_sent()
+                    return end
                 self.need = 0
                 return pos
             spec, tokens, start, after, args = framed
@@ -3040,13 +3090,13 @@ class ServerConnection(Connection):
             self.write(line)
 
     def refuse_batch(self, error):
-        """The log could not take this pass's writes: answer the first with error
-        (a ServerError class), drop every reply after it (they may show what
-        was not kept) and everything unparsed, and close."""
+        """The log could not take this pass's batch: answer with error (a
+        ServerError class) in place of every reply since the batch began here
+        (they may show what was not kept), drop everything unparsed, and close."""
         del self.outbuf[self.batch_start:]
         self.batch_start = -1
         self.continuation = self.backlog = None
-        if self.process == self.process_http:
+        if self.http_mode:
             self.http_close = True
             self._http_reply(507 if error is OUT_OF_SPACE else 503, detail=error.why)
         else:
@@ -3075,6 +3125,7 @@ class ServerConnection(Connection):
             log.info("%s: HTTP request, but HTTP is off (--no-http); closing", self.addr)
             raise Disconnect
         self.process = self.process_http
+        self.http_mode = True
         return self.process_http(buf, pos)
 
     def resume(self):
@@ -3127,14 +3178,18 @@ class ServerConnection(Connection):
 
     def _retrieve_part(self, keys, start, exptime, with_cas):
         """VALUE blocks for keys[start:] as far as this pass's share goes (each
-        MULTIGET_KEYS_PER_REQUEST keys count as a request); END after the last."""
-        stop = min(len(keys), start + max(self.share, 1) * MULTIGET_KEYS_PER_REQUEST)
+        MULTIGET_KEYS_PER_REQUEST keys count as a request) and OUTPUT_HIGH_WATER
+        bytes of values; END after the last."""
+        last = min(len(keys), start + max(self.share, 1) * MULTIGET_KEYS_PER_REQUEST)
         lookup = self.store.get if exptime is None else self.store.touch
         args = () if exptime is None else (exptime,)
         out = []
-        for key in keys[start:stop] if start or stop < len(keys) else keys:
-            item = lookup(key, *args)
+        stop, size = start, 0
+        while stop < last and size < OUTPUT_HIGH_WATER:
+            item = lookup(keys[stop], *args)
+            stop += 1
             if item is not None:
+                size += len(item.rendered)
                 if with_cas:
                     out.extend(item.gets_block())
                 else:
@@ -3221,7 +3276,7 @@ class ServerConnection(Connection):
         if not item_size_ok(key, flags, nbytes, self.server.item_size_max):
             self.stats["store_too_large"] += 1
             refusal = TOO_LARGE
-        elif end > len(buf) and not self.reserved and not self.server.reserve(self, nbytes):
+        elif end > len(buf) and self.reserved < nbytes and not self.server.reserve(self, nbytes):
             self.stats["store_no_memory"] += 1
             refusal = NO_MEMORY
         if refusal is not None:
@@ -3517,10 +3572,12 @@ class ServerConnection(Connection):
                 after = self._http_request(buf, pos)
             except HttpError as err:
                 self.http_close = True
+                self.http_pending = None
+                self.server.release(self)
                 self._http_reply(err.status, detail=err.detail)
-                if err.status == 413:
+                if err.status in (413, 507):
                     # The client may still be sending the body: closing now would
-                    # reset the connection before it reads the 413. Drop what it
+                    # reset the connection before it reads the reply. Drop what it
                     # sends until it closes, for HTTP_LINGER_SECONDS at most.
                     self.process = self._discard
                     self.loop.call_later(HTTP_LINGER_SECONDS, self.close)
@@ -3578,10 +3635,9 @@ class ServerConnection(Connection):
                 if end - head_end > limit:
                     raise HttpError(413)
                 if end > len(buf):
-                    if not self.reserved and not self.server.reserve(self, end - head_end):
+                    if not self.server.reserve(self, end - head_end):
                         self.stats["store_no_memory"] += 1
-                        self._http_reply(507, detail=NO_MEMORY.why)
-                        return self._skip_block(buf, end)
+                        raise HttpError(507, NO_MEMORY.why)
                     self._http_continue(headers, minor)
                     self.need = end - pos
                     return None
@@ -3598,7 +3654,11 @@ class ServerConnection(Connection):
         pos = body.feed(buf, pos)
         if body.done:
             self.http_pending = None
+            self.server.release(self)
             self._http_complete(method, key, headers, b"".join(body.parts))
+        elif not self.server.reserve(self, body.total + max(body.wanted, len(buf) - pos)):
+            self.stats["store_no_memory"] += 1
+            raise HttpError(507, NO_MEMORY.why)
         else:
             self._http_continue(headers, minor)
             self.need = body.wanted
@@ -3924,9 +3984,8 @@ class Server:
         self.stats = dict.fromkeys(SERVER_COUNTERS, 0)
         self.connections = set()             # open ServerConnections
         self.current = None                  # the connection being handled, if any
-        self.writers = []                    # connections that logged writes this pass
-        self.held_bytes = 0                  # incomplete data blocks held, all clients
-        self.held_limit = max(store.memory_limit, HELD_BYTES_MIN)  # ... at most
+        self.batch_conns = []                # connections whose replies wait on the batch
+        self.held_bytes = 0                  # incomplete input held, all clients
         self.recovered = (0, 0, 0.0)         # (records replayed, items, seconds) at start
         self.started = now()
         self.loop = listener.loop
@@ -3972,11 +4031,13 @@ class Server:
         log.info("stopped")
 
     def reserve(self, conn, nbytes):
-        """Count nbytes of an incomplete data block for conn against held_limit;
-        False (nothing counted) when they do not fit."""
-        if self.held_bytes + nbytes > self.held_limit:
+        """Count nbytes of incomplete input (a data block, a long line) held for
+        conn, in all, against -m (at least HELD_BYTES_MIN); False, and nothing
+        changed, when they do not fit."""
+        more = nbytes - conn.reserved
+        if more > 0 and self.held_bytes + more > max(self.store.memory_limit, HELD_BYTES_MIN):
             return False
-        self.held_bytes += nbytes
+        self.held_bytes += more
         conn.reserved = nbytes
         return True
 
@@ -4043,14 +4104,18 @@ class Server:
         self.stats["total_connections"] += 1
         self.connections.add(ServerConnection(self, sock, addr))
 
+    def track_batch(self, conn):
+        """conn's replies from here on depend on the open batch: refuse them if the
+        log cannot take it."""
+        conn.batch_start = len(conn.outbuf)
+        self.batch_conns.append(conn)
+
     def _journal(self, op, key, flags, exptime, cas, value):
-        """Store.journal: log the change, and note which client's replies it
-        gates, so that they can be refused if the log cannot take the batch."""
+        """Store.journal: log the change, and note which client's replies it gates."""
         self.ulog.append(op, key, flags, exptime, cas, value)
         conn = self.current
         if conn is not None and conn.batch_start < 0:
-            conn.batch_start = len(conn.outbuf)
-            self.writers.append(conn)
+            self.track_batch(conn)
 
     def _group_commit(self):
         """One ulog write (+fsync under --sync always) and one store commit per
@@ -4062,15 +4127,17 @@ class Server:
         name = ulog.name
         if ulog.flush():
             self.store.commit(ulog.position)
-            for conn in self.writers:
+            for conn in self.batch_conns:
                 conn.batch_start = -1
             if ulog.name != name and self.store.checkpoint_position:
                 ulog.prune(self.store.checkpoint_position)
         else:
-            self.store.rollback()
-            for conn in self.writers:
-                conn.refuse_batch(ulog.refusal)
-        self.writers.clear()
+            try:
+                self.store.rollback()
+            finally:
+                for conn in self.batch_conns:
+                    conn.refuse_batch(ulog.refusal)
+        self.batch_conns.clear()
 
     def _tick(self):
         self.store.tick(now())
@@ -4082,22 +4149,24 @@ class Server:
 def recover(store, ulog, data_dir):
     """Replay the ulog records the store has not applied yet; returns their count.
 
-    Checkpoints as it goes, so memory stays bounded by the read cache and
-    CHECKPOINT_ITEMS. A torn tail of the newest file is cut. Raises
+    Checkpoints as it goes, so memory stays bounded by the read cache (-m)
+    twice over. A torn tail of the newest file is cut. Raises
     ConfigError for any other damage, naming the file, the offset and the
     repair command.
     """
-    count = 0
+    count = held = 0
     reader = LogReader(ulog.directory, store.log_position)
     try:
         for record in reader.records():
-            store.tick(record.ts / 1e6)
+            store.now = record.ts / 1e6         # the log's clock; flushes come as records
             store.apply(record.op, record.key, record.flags, record.exptime, record.cas,
                         record.value)
             ulog.last_ts = record.ts
             count += 1
-            if len(store.pending) >= CHECKPOINT_ITEMS:
+            held += len(record.value)
+            if len(store.pending) >= CHECKPOINT_ITEMS or held >= store.memory_limit:
                 store.commit(reader.position, force=True)
+                held = 0
     except LogDamaged as err:
         if not err.torn:
             raise ConfigError(f"update log {err.path} is damaged at offset {err.offset}, "
@@ -4210,6 +4279,10 @@ class DataCheck:
         old_engine = self._engine()
         if new_engine in (old_engine, "memory"):
             raise ConfigError(f"cannot convert a {old_engine} store to {new_engine}")
+        new_files = "store." + ("sqlite3" if new_engine == "sqlite" else new_engine)
+        for name in store_files(self.data_dir):
+            if name.startswith(new_files):
+                self._move_aside(name)         # an old store of that engine: start empty
         ulog = UpdateLog(self.ulog_dir)
         try:
             store = Store(open_engine(old_engine, self.data_dir))
@@ -4220,7 +4293,6 @@ class DataCheck:
             target.close()
         finally:
             ulog.close()
-        new_files = os.path.basename(target.path)
         for name in store_files(self.data_dir):
             if not name.startswith(new_files):
                 self._move_aside(name)
@@ -4277,7 +4349,7 @@ class DataCheck:
                 f.write(buf[start:end])
             f.flush()
             os.fsync(f.fileno())
-        self._move_aside(os.path.join("ulog", name))
+        self._move_aside(os.path.join("ulog", name), keep=True)
         os.replace(path + ".tmp", path)
         self.replay_all = True      # offsets in the rewritten file have moved
 
@@ -4297,6 +4369,7 @@ class DataCheck:
             repaired = None
             if self.fix:
                 store.engine.write([], damaged)
+                store.curr_items -= len(damaged)
                 self.replay_all = True
                 repaired = "dropped them; the next start replays the whole kept log"
             self._problem(f"store: {len(damaged)} row(s) that do not decode: {keys}", repaired)
@@ -4314,7 +4387,9 @@ class DataCheck:
                 if len(key) > KEY_MAX_LENGTH:
                     continue     # the meta record
                 rows += 1
-                if len(record) < RECORD_HEADER.size:
+                try:
+                    Item.from_record(key, record)
+                except (struct.error, TypeError):
                     damaged.append(key)
             if len(batch) < SWEEP_STEP_ITEMS:
                 return rows, damaged
@@ -4345,12 +4420,15 @@ class DataCheck:
                 return rows
             after = batch[-1][0]
 
-    def _move_aside(self, name):
+    def _move_aside(self, name, keep=False):
+        """Move data_dir/name into aside/; with keep, link it there and leave it
+        in place (it is about to be replaced: never a moment without it)."""
         aside = os.path.join(self.data_dir, "aside")
         os.makedirs(aside, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        os.replace(os.path.join(self.data_dir, name),
-                   os.path.join(aside, f"{os.path.basename(name)}.{stamp}"))
+        (os.link if keep else os.replace)(
+            os.path.join(self.data_dir, name),
+            os.path.join(aside, f"{os.path.basename(name)}.{stamp}"))
 
 
 # ===== 9. Bench ==============================================================

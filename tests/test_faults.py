@@ -315,3 +315,47 @@ def test_another_engine_is_refused_until_converted(tmp_path):
     mem.start()
     wait_for(lambda: "nothing in" in mem.log_text(), 5, what="the memory-engine warning")
     mem.stop()
+
+
+def test_a_text_row_is_damage_too(tmp_path):
+    srv = MemtoolServer(tmp_path / "w")
+    srv.start()
+    keys = write_keys(srv, 5)
+    assert srv.stop() == 0
+    db = sqlite3.connect(str(srv.data / "store.sqlite3"))
+    db.execute("UPDATE Dict SET value = CAST(value AS TEXT) WHERE key = CAST(? AS BLOB)",
+               (keys[1],))
+    db.commit()
+    db.close()
+    srv.start()
+    with srv.session() as s:
+        assert s.get(keys[1]) is None
+        assert s.get(keys[2]) is not None
+    srv.stop()
+    check = run_memtool("check", "--data", srv.data)
+    assert check.returncode == 1 and repr(keys[1]) in check.stdout, check.stdout
+
+
+def test_a_delayed_flush_replays_as_it_happened(tmp_path):
+    """Replaying the whole log over a newer store (check --fix) repeats a delayed
+    flush_all with the threshold it took, not with the newest cas unique."""
+    srv = MemtoolServer(tmp_path / "w", extra=["--sync", "always"])
+    srv.start()
+    with srv.session() as s:
+        s.set(b"a", b"1")
+        s.call(b"flush_all 2\r\n", b"OK\r\n")
+        wait_for(lambda: s.get(b"a") is None, 5, what="the delayed flush")
+        s.set(b"b", b"2")
+        s.set(b"c", b"3")
+        s.set(b"z", b"4")
+    assert srv.stop() == 0
+    db = sqlite3.connect(str(srv.data / "store.sqlite3"))
+    db.execute("UPDATE Dict SET value = x'01' WHERE key = CAST('z' AS BLOB)")
+    db.commit()
+    db.close()
+    assert run_memtool("check", "--data", srv.data, "--fix").returncode == 0
+    srv.start()
+    assert missing(srv.port, [b"b", b"c", b"z"]) == []
+    with srv.session() as s:
+        assert s.get(b"a") is None
+    srv.stop()

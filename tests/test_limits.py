@@ -202,3 +202,32 @@ def test_stats_names_and_order_match_memcached(memcached, fresh):
     default = ["lru_crawler_running", "lru_crawler_starts", "lru_maintainer_juggles"]
     assert got.index("slabs_moved") + 1 == got.index(default[0])
     assert got.index(default[-1]) + 1 == got.index("malloc_fails")
+
+
+def test_replies_before_quit_arrive_whatever_the_pipeline_depth(fresh):
+    """Past -R requests the rest runs in later passes; quit still comes after them."""
+    srv = fresh()
+    with srv.session() as s:
+        s.send(b"set k 0 0 1\r\nx\r\n" + b"get k\r\n" * 45 + b"quit\r\n")
+        s.expect(b"STORED\r\n" + b"VALUE k 0 1\r\nx\r\nEND\r\n" * 45)
+        s.expect_closed()
+
+
+def test_parked_chunked_uploads_are_bounded_by_m(fresh):
+    srv = fresh("-m", "8")
+    base = rss_kib(srv.proc.pid)
+    socks, refused = [], 0
+    for i in range(40):                     # 40 x 900 KB chunked, never finished
+        s = Session(srv.port, timeout=10)
+        s.send(b"PUT /c%d HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+               % i + (b"%x\r\n" % (900 << 10)) + b"c" * (900 << 10))
+        socks.append(s)
+    for s in socks:
+        s.send(b"\r\n0\r\n\r\n")
+        head = s.read_line()
+        refused += head == b"HTTP/1.1 507 Insufficient Storage\r\n"
+    peak = rss_kib(srv.proc.pid)
+    for s in socks:
+        s.close()
+    assert 20 < refused < 40, refused
+    assert peak - base < 40 * 1024, (base, peak)
