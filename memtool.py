@@ -973,10 +973,116 @@ def hash_one_at_a_time(key):
     return (h + (h << 15)) & UINT32_MASK
 
 
-HASHES = {"md5": hash_md5, "crc32": hash_crc32, "crc32a": hash_crc32a,
-          "fnv1_64": hash_fnv1_64, "fnv1a_64": hash_fnv1a_64, "fnv1_32": hash_fnv1_32,
-          "fnv1a_32": hash_fnv1a_32, "one_at_a_time": hash_one_at_a_time}
-DISTRIBUTIONS = ("ketama", "modula")
+def hash_murmur(key):
+    """MurmurHash2 (m 0x5bd1e995, r 24), seeded with 0xdeadbeef * length; unsigned tail."""
+    m, n = 0x5BD1E995, len(key)
+    h = ((0xDEADBEEF * n) ^ n) & UINT32_MASK
+    blocks = n >> 2
+    for k in struct.unpack_from("<%dI" % blocks, key) if blocks else ():
+        k = (k * m) & UINT32_MASK
+        h = ((h * m) ^ (((k ^ (k >> 24)) * m) & UINT32_MASK)) & UINT32_MASK
+    tail = key[blocks << 2:]
+    if tail:
+        for i in range(len(tail) - 1, 0, -1):
+            h ^= tail[i] << (8 * i)
+        h = ((h ^ tail[0]) * m) & UINT32_MASK
+    h = ((h ^ (h >> 13)) * m) & UINT32_MASK
+    return h ^ (h >> 15)
+
+
+def _rotl(x, k):
+    return ((x << k) | (x >> (32 - k))) & UINT32_MASK
+
+
+def hash_jenkins(key):
+    """Bob Jenkins' lookup3 hashlittle, initval 13; the last 1..12 bytes, zero-padded,
+    go through the final mix."""
+    n = len(key)
+    a = b = c = (0xDEADBEEF + n + 13) & UINT32_MASK
+    if not n:
+        return c
+    full = (n - 1) // 12
+    words = struct.unpack("<%dI" % (3 * full + 3), key + bytes(12 * full + 12 - n))
+    for i in range(0, 3 * full, 3):
+        a, b, c = (a + words[i]) & UINT32_MASK, (b + words[i + 1]) & UINT32_MASK, \
+            (c + words[i + 2]) & UINT32_MASK
+        for x, y, z, r in ((0, 2, 1, 4), (1, 0, 2, 6), (2, 1, 0, 8),
+                           (0, 2, 1, 16), (1, 0, 2, 19), (2, 1, 0, 4)):
+            v = [a, b, c]
+            v[x] = ((v[x] - v[y]) & UINT32_MASK) ^ _rotl(v[y], r)
+            v[y] = (v[y] + v[z]) & UINT32_MASK
+            a, b, c = v
+    i = 3 * full
+    a, b, c = (a + words[i]) & UINT32_MASK, (b + words[i + 1]) & UINT32_MASK, \
+        (c + words[i + 2]) & UINT32_MASK
+    for x, y, r in ((2, 1, 14), (0, 2, 11), (1, 0, 25), (2, 1, 16), (0, 2, 4), (1, 0, 14),
+                    (2, 1, 24)):
+        v = [a, b, c]
+        v[x] = ((v[x] ^ v[y]) - _rotl(v[y], r)) & UINT32_MASK
+        a, b, c = v
+    return c
+
+
+def hash_hsieh(key):
+    """Paul Hsieh's SuperFastHash started at 0 (not the length); 0 for an empty key.
+    In a 3-byte tail the last byte is a signed char."""
+    n = len(key)
+    if not n:
+        return 0
+    h, blocks = 0, n >> 2
+    words = struct.unpack_from("<%dH" % (2 * blocks), key) if blocks else ()
+    for i in range(0, 2 * blocks, 2):
+        h += words[i]
+        h = ((h << 16) ^ (words[i + 1] << 11) ^ h) & UINT32_MASK
+        h += h >> 11
+    h &= UINT32_MASK
+    tail = key[blocks << 2:]
+    if len(tail) == 3:
+        h = (h + tail[0] + (tail[1] << 8)) & UINT32_MASK
+        h ^= (h << 16) & UINT32_MASK
+        h ^= (_signed(tail[2]) << 18) & UINT32_MASK
+        h += h >> 11
+    elif len(tail) == 2:
+        h = (h + tail[0] + (tail[1] << 8)) & UINT32_MASK
+        h ^= (h << 11) & UINT32_MASK
+        h += h >> 17
+    elif tail:
+        h = (h + tail[0]) & UINT32_MASK
+        h ^= (h << 10) & UINT32_MASK
+        h += h >> 1
+    h &= UINT32_MASK
+    for shift, xor in ((3, True), (5, False), (4, True), (17, False), (25, True), (6, False)):
+        h = (h ^ (h << shift)) & UINT32_MASK if xor else (h + (h >> shift)) & UINT32_MASK
+    return h
+
+
+def _crc16_table():
+    table = []
+    for i in range(256):
+        c = i << 8
+        for _ in range(8):
+            c = (c << 1) ^ 0x1021 if c & 0x8000 else c << 1
+        table.append(c & 0xFFFF)
+    return table
+
+
+_CRC16_TABLE = _crc16_table()
+
+
+def hash_crc16(key):
+    """CRC-16/XMODEM (poly 0x1021, init 0), but the running value is not masked to
+    16 bits and is returned whole (twemproxy's)."""
+    table, crc = _CRC16_TABLE, 0
+    for byte in key:
+        crc = ((crc << 8) & UINT32_MASK) ^ table[((crc >> 8) ^ byte) & 0xFF]
+    return crc
+
+
+HASHES = {"one_at_a_time": hash_one_at_a_time, "md5": hash_md5, "crc16": hash_crc16,
+          "crc32": hash_crc32, "crc32a": hash_crc32a, "fnv1_64": hash_fnv1_64,
+          "fnv1a_64": hash_fnv1a_64, "fnv1_32": hash_fnv1_32, "fnv1a_32": hash_fnv1a_32,
+          "hsieh": hash_hsieh, "murmur": hash_murmur, "jenkins": hash_jenkins}
+DISTRIBUTIONS = ("ketama", "modula", "random")
 KETAMA_POINTS_PER_SERVER = 160
 
 
@@ -992,23 +1098,40 @@ def server_name(host, port, name=None):
     return host if port == 11211 else f"{host}:{port}"
 
 
+def hash_tag_key(key, tag):
+    """The part of key that is hashed under a two-byte hash_tag such as b"{}": the
+    bytes between the first opening byte and the first closing one after it,
+    when there are any; else the whole key (twemproxy's rule)."""
+    start = key.find(tag[:1])
+    if start >= 0:
+        end = key.find(tag[1:], start + 1)
+        if end > start + 1:
+            return key[start + 1:end]
+    return key
+
+
 class Continuum:
     """Which server owns a key (twemproxy's nc_ketama.c / nc_modula.c).
 
     servers: list of (name, weight) in any order; twemproxy orders them by
     (name length, name bytes), and index() answers positions in the list
-    as given. hash_name: a HASHES key. distribution: 'ketama' or 'modula'.
+    as given. hash_name: a HASHES key. distribution: one of DISTRIBUTIONS
+    (random: any server, weights ignored). hash_tag: two bytes (b"{}") or
+    None, see hash_tag_key(). Raises ConfigError for an unknown hash or
+    distribution.
     """
 
-    def __init__(self, servers, hash_name="fnv1a_64", distribution="ketama"):
+    def __init__(self, servers, hash_name="fnv1a_64", distribution="ketama", hash_tag=None):
         if hash_name not in HASHES:
             raise ConfigError(f"unknown hash {hash_name!r}; known: {', '.join(HASHES)}")
         if distribution not in DISTRIBUTIONS:
             raise ConfigError(f"unknown distribution {distribution!r}")
         self.hash = HASHES[hash_name]
+        self.hash_tag = hash_tag
         self.count = len(servers)
+        self.random = distribution == "random"
         order = sorted(range(len(servers)), key=lambda i: (len(servers[i][0]), servers[i][0]))
-        if distribution == "modula":
+        if distribution != "ketama":
             self.slots = [i for i in order for _ in range(servers[i][1])]
             self.points = None
             return
@@ -1029,11 +1152,29 @@ class Continuum:
         """Position in the server list of the server that owns key (bytes)."""
         if self.count == 1:
             return 0
-        h = self.hash(key) if key else 0
+        if self.random:
+            return random.randrange(self.count)
+        return self.at(self.key_hash(key))
+
+    def key_hash(self, key):
+        """The hash value placement uses for key (after hash_tag; 0 for empty)."""
+        if self.hash_tag:
+            key = hash_tag_key(key, self.hash_tag)
+        return self.hash(key) if key else 0
+
+    def at(self, value):
+        """Position of the server owning hash value `value`."""
         if self.points is None:
-            return self.slots[h % len(self.slots)]
-        i = bisect.bisect_left(self.points, h)
+            return self.slots[value % len(self.slots)]
+        i = bisect.bisect_left(self.points, value)
         return self.owners[i if i < len(self.owners) else 0]
+
+    def point(self, value):
+        """The ring point (ketama) or slot (modula) that value lands on."""
+        if self.points is None:
+            return value % len(self.slots)
+        i = bisect.bisect_left(self.points, value)
+        return self.points[i if i < len(self.points) else 0]
 
 
 # ===== 5. Storage ============================================================
@@ -2954,6 +3095,202 @@ MEMCACHED_STATS = (
     "moves_to_warm moves_within_lru direct_reclaims lru_bumps_dropped").split()
 
 
+HttpRequest = collections.namedtuple("HttpRequest", "method key headers body close keep_alive")
+HttpRequest.__doc__ = """A whole HTTP request: method and key (bytes; key None when
+the target has no path), headers (lowercased names), body, close (the
+connection closes after the response), keep_alive (an HTTP/1.0 request that
+asked to stay open, which its response confirms)."""
+HTTP_CLOSING = HttpRequest(b"", None, {}, b"", True, False)   # for errors that close
+
+
+def http_item_headers(flags, exptime, cas):
+    """The headers that carry an item's flags, exptime and cas unique."""
+    return b'X-Memtool-Flags: %d\r\nX-Memtool-Exptime: %d\r\nETag: "%d"\r\n' % (
+        flags, exptime, cas)
+
+
+def http_response(request, status, body=None, content_type=b"text/plain", extra=b"",
+                  detail=b""):
+    """The chunks of one response to request (HEAD: no body). body None means the
+    reason phrase as text, with detail after it."""
+    if body is None:
+        body = HTTP_REASONS[status] + (b": " + detail if detail else b"") + b"\n"
+    if request.close:
+        extra += b"Connection: close\r\n"
+    elif request.keep_alive:
+        extra += b"Connection: keep-alive\r\n"
+    head = b"HTTP/1.1 %d %b\r\nContent-Type: %b\r\nContent-Length: %d\r\n%b\r\n" % (
+        status, HTTP_REASONS[status], content_type, len(body), extra)
+    return (head,) if request.method == b"HEAD" else (head, body)
+
+
+class HttpParser:
+    """HTTP/1.1 (RFC 9112) on a connection that switched to it at its first HTTP
+    request line: frames each request with its Content-Length or chunked body
+    (100-continue, the -I limit, the connection's share of a pass, incomplete
+    bodies counted against -m) and hands it over whole, in order.
+
+    conn is the connection (a ServerConnection or a ProxyConnection). The
+    parser calls conn.http_request(HttpRequest) for each request,
+    conn.http_error(status, detail) for a framing error (the connection then
+    closes: where the next request starts is unknown) and conn.http_emit(chunks)
+    for a 100 Continue; it uses conn's buffers and conn.server's limits.
+    Requests that a web page could send (a foreign Origin; a foreign Host
+    on loopback: DNS rebinding) are refused with 403.
+    """
+
+    def __init__(self, conn):
+        self.conn = conn                 # the connection being parsed
+        self.continued = False           # 100 Continue sent for the pending request
+        self.pending = None              # (method, key, headers, close, keep_alive, minor,
+                                         # ChunkedBody) of a chunked body still arriving
+
+    def process(self, buf, pos=0):
+        """Handle the complete requests in buf[pos:], up to this pass's share;
+        return the offset of the rest."""
+        conn = self.conn
+        end = len(buf)
+        conn.need = 0
+        conn.share = conn.server.reqs_per_event
+        while pos < end and not conn.closing:
+            if len(conn.outbuf) > conn.check_at and conn.backed_up():
+                return conn._pause(pos)
+            conn.share -= 1
+            if conn.share < 0:
+                return conn._yield(pos)
+            try:
+                if self.pending is not None:
+                    pos = self._chunks(buf, pos)
+                    if self.pending is not None:
+                        return pos
+                    continue
+                pos = HTTP_BLANK_LINES.match(buf, pos).end()   # allowed (RFC 9112 2.2)
+                if pos == end:
+                    break
+                after = self._request(buf, pos)
+            except HttpError as err:
+                self.pending = None
+                conn.server.release(conn)
+                conn.http_error(err.status, err.detail)
+                if err.status in (413, 507):
+                    # The client may still be sending the body: closing now would
+                    # reset the connection before it reads the reply. Drop what it
+                    # sends until it closes, for HTTP_LINGER_SECONDS at most.
+                    conn.process = self._discard
+                    conn.loop.call_later(HTTP_LINGER_SECONDS, conn.close)
+                else:
+                    conn.close_when_sent()
+                return end
+            if after is None:
+                return pos
+            pos = after
+        return end if conn.closing else pos
+
+    @property
+    def holding_body(self):
+        """A chunked body is arriving (its parts count against -m)."""
+        return self.pending is not None
+
+    def _request(self, buf, pos):
+        """Hand over the request at buf[pos:]; its end offset, or None until it is
+        all in. A chunked body goes to _chunks, which may take it only in part."""
+        conn = self.conn
+        found = HTTP_HEAD_END.search(buf, pos, pos + HTTP_HEAD_MAX_BYTES)
+        if found is None:
+            if len(buf) - pos >= HTTP_HEAD_MAX_BYTES:
+                raise HttpError(431)
+            eol = buf.find(b"\n", pos)
+            if eol >= 0:
+                parse_http_head(buf[pos:eol + 1])   # a bad request line is 400 at once
+            return None
+        head_end = found.end()
+        method, target, minor, headers = parse_http_head(buf[pos:head_end])
+        self._check_origin(headers)
+        connection = headers.get(b"connection", b"").lower()
+        close = b"close" in connection or (minor == 0 and b"keep-alive" not in connection)
+        keep_alive = minor == 0 and not close
+        key = http_key(target)
+        stores = method in (b"PUT", b"POST")
+        limit = conn.server.item_size_max
+        if stores and key:
+            has_flags = headers.get(b"x-memtool-flags", b"0").strip(b"0") != b""
+            limit -= item_total_size(key, has_flags, 0)
+        chunked = headers.get(b"transfer-encoding")
+        length = headers.get(b"content-length")
+        body = b""
+        if chunked is not None:
+            if length is not None:
+                raise HttpError(400, b"both Content-Length and Transfer-Encoding")
+            if chunked.lower() != b"chunked":
+                raise HttpError(501)
+            self.pending = (method, key, headers, close, keep_alive, minor, ChunkedBody(limit))
+            return self._chunks(buf, head_end)
+        if length is None:
+            length = b"0"
+        if not length.isdigit() or len(length) > 18:
+            raise HttpError(400, b"bad Content-Length")
+        end = head_end + int(length)
+        if stores:
+            if end - head_end > limit:
+                raise HttpError(413)
+            if end > len(buf):
+                if not conn.server.reserve(conn, end - head_end):
+                    conn.stats["store_no_memory"] += 1
+                    raise HttpError(507, NO_MEMORY.why)
+                self._continue(headers, minor)
+                conn.need = end - pos
+                return None
+            conn.server.release(conn)
+            body = buf[head_end:end]
+        self._complete(HttpRequest(method, key, headers, body, close, keep_alive))
+        return conn._skip_block(buf, end)   # a body nobody stores is discarded unread
+
+    def _chunks(self, buf, pos):
+        """Feed buf[pos:] to the pending chunked body; hand the request over once
+        it is complete. Returns the offset up to which buf was used."""
+        conn = self.conn
+        method, key, headers, close, keep_alive, minor, body = self.pending
+        pos = body.feed(buf, pos)
+        if body.done:
+            self.pending = None
+            conn.server.release(conn)
+            self._complete(HttpRequest(method, key, headers, b"".join(body.parts), close,
+                                       keep_alive))
+        elif not conn.server.reserve(conn, body.total + max(body.wanted, len(buf) - pos)):
+            conn.stats["store_no_memory"] += 1
+            raise HttpError(507, NO_MEMORY.why)
+        else:
+            self._continue(headers, minor)
+            conn.need = body.wanted
+        return pos
+
+    def _complete(self, request):
+        self.continued = False
+        self.conn.http_request(request)
+
+    @staticmethod
+    def _discard(buf, pos=0):
+        return len(buf)
+
+    def _check_origin(self, headers):
+        server = self.conn.server
+        origin = headers.get(b"origin")
+        if origin is not None and origin not in server.http_origins:
+            raise HttpError(403, b"Origin not allowed (--http-allow-origin)")
+        host = headers.get(b"host")
+        if server.http_hosts is not None and host is not None:
+            name = host.rpartition(b":")[0] if host.count(b":") == 1 or b"]:" in host else host
+            if name.lower() not in server.http_hosts:
+                raise HttpError(403, b"Host not allowed (--http-host)")
+
+    def _continue(self, headers, minor):
+        """`Expect: 100-continue`: tell the client to send the body, once."""
+        if (not self.continued and minor == 1
+                and headers.get(b"expect", b"").lower() == b"100-continue"):
+            self.continued = True
+            self.conn.http_emit((HTTP_CONTINUE,))
+
+
 class ServerConnection(Connection):
     """One client of `serve`: memcached text protocol in, replies out."""
 
@@ -2974,13 +3311,9 @@ class ServerConnection(Connection):
                                      # multiget cut by the share
         self.batch_start = -1        # outbuf index of this pass's first logged write
         self.noreply = False         # the current command said noreply
-        self.process = self._sniff   # the parser for what arrives (process, process_http)
-        self.http_mode = False       # the connection switched to HTTP
-        self.http_close = False      # HTTP: close after the reply being built
-        self.http_keep_alive_10 = False  # HTTP/1.0 request that asked for keep-alive
-        self.http_continued = False  # HTTP: 100 Continue sent for the pending request
-        self.http_pending = None     # HTTP: (method, key, headers, minor, ChunkedBody)
-                                     # of a request whose chunked body is arriving
+        self.process = self._sniff   # the parser for what arrives (process, HttpParser's)
+        self.http = None             # the HttpParser, once the connection switched
+        self.http_req = None         # the HTTP request being answered
 
     def data_received(self, data):
         start = 0
@@ -3011,7 +3344,7 @@ class ServerConnection(Connection):
         server.current = None
         if pos >= len(data):
             self.inbuf = b""
-            if self.reserved and self.http_pending is None:
+            if self.reserved and not (self.http and self.http.holding_body):
                 server.release(self)      # nothing incomplete is held any more
         elif self.held or self.paused:
             self.inbuf = b""
@@ -3096,9 +3429,9 @@ class ServerConnection(Connection):
         del self.outbuf[self.batch_start:]
         self.batch_start = -1
         self.continuation = self.backlog = None
-        if self.http_mode:
-            self.http_close = True
-            self._http_reply(507 if error is OUT_OF_SPACE else 503, detail=error.why)
+        if self.http is not None:
+            self.writelines(http_response(HTTP_CLOSING, 507 if error is OUT_OF_SPACE else 503,
+                                          detail=error.why))
         else:
             self.write(error.line)
         self.close_when_sent()
@@ -3124,9 +3457,9 @@ class ServerConnection(Connection):
         if not self.server.http:
             log.info("%s: HTTP request, but HTTP is off (--no-http); closing", self.addr)
             raise Disconnect
-        self.process = self.process_http
-        self.http_mode = True
-        return self.process_http(buf, pos)
+        self.http = HttpParser(self)
+        self.process = self.http.process
+        return self.process(buf, pos)
 
     def resume(self):
         if not self.closed:
@@ -3547,160 +3880,22 @@ class ServerConnection(Connection):
     # request is answered once its whole body is in; framing errors answer
     # and close, every other refusal keeps the connection.
 
-    def process_http(self, buf, pos=0):
-        """Handle the complete HTTP requests in buf[pos:], up to this pass's
-        share; return the offset of the rest."""
-        end = len(buf)
-        self.need = 0
-        self.share = self.server.reqs_per_event
-        outbuf = self.outbuf
-        while pos < end and not self.closing:
-            if len(outbuf) > self.check_at and self.backed_up():
-                return self._pause(pos)
-            self.share -= 1
-            if self.share < 0:
-                return self._yield(pos)
-            try:
-                if self.http_pending is not None:
-                    pos = self._http_chunks(buf, pos)
-                    if self.http_pending is not None:
-                        return pos
-                    continue
-                pos = HTTP_BLANK_LINES.match(buf, pos).end()   # allowed (RFC 9112 2.2)
-                if pos == end:
-                    break
-                after = self._http_request(buf, pos)
-            except HttpError as err:
-                self.http_close = True
-                self.http_pending = None
-                self.server.release(self)
-                self._http_reply(err.status, detail=err.detail)
-                if err.status in (413, 507):
-                    # The client may still be sending the body: closing now would
-                    # reset the connection before it reads the reply. Drop what it
-                    # sends until it closes, for HTTP_LINGER_SECONDS at most.
-                    self.process = self._discard
-                    self.loop.call_later(HTTP_LINGER_SECONDS, self.close)
-                else:
-                    self.close_when_sent()
-                return end
-            if after is None:
-                return pos
-            pos = after
-        return end if self.closing else pos
-
-    def _http_request(self, buf, pos):
-        """Answer the request at buf[pos:]; its end offset, or None until it is all in.
-
-        A chunked body goes to _http_chunks, which may take it only in part.
-        """
-        found = HTTP_HEAD_END.search(buf, pos, pos + HTTP_HEAD_MAX_BYTES)
-        if found is None:
-            if len(buf) - pos >= HTTP_HEAD_MAX_BYTES:
-                raise HttpError(431)
-            eol = buf.find(b"\n", pos)
-            if eol >= 0:
-                parse_http_head(buf[pos:eol + 1])   # a bad request line is 400 at once
-            return None
-        head_end = found.end()
-        method, target, minor, headers = parse_http_head(buf[pos:head_end])
-        self._http_check_origin(headers)
-        connection = headers.get(b"connection", b"").lower()
-        self.http_close = b"close" in connection or (
-            minor == 0 and b"keep-alive" not in connection)
-        self.http_keep_alive_10 = minor == 0 and not self.http_close
-        key = http_key(target)
-        stores = method in (b"PUT", b"POST")
-        limit = self.server.item_size_max
-        if stores and key:
-            has_flags = headers.get(b"x-memtool-flags", b"0").strip(b"0") != b""
-            limit -= item_total_size(key, has_flags, 0)
-        chunked = headers.get(b"transfer-encoding")
-        length = headers.get(b"content-length")
-        body = b""
-        if chunked is not None:
-            if length is not None:
-                raise HttpError(400, b"both Content-Length and Transfer-Encoding")
-            if chunked.lower() != b"chunked":
-                raise HttpError(501)
-            self.http_pending = (method, key, headers, minor, ChunkedBody(limit))
-            return self._http_chunks(buf, head_end)
-        else:
-            if length is None:
-                length = b"0"
-            if not length.isdigit() or len(length) > 18:
-                raise HttpError(400, b"bad Content-Length")
-            end = head_end + int(length)
-            if stores:
-                if end - head_end > limit:
-                    raise HttpError(413)
-                if end > len(buf):
-                    if not self.server.reserve(self, end - head_end):
-                        self.stats["store_no_memory"] += 1
-                        raise HttpError(507, NO_MEMORY.why)
-                    self._http_continue(headers, minor)
-                    self.need = end - pos
-                    return None
-                if self.reserved:
-                    self.server.release(self)
-                body = buf[head_end:end]
-        self._http_complete(method, key, headers, body)
-        return self._skip_block(buf, end)   # a body nobody stores is discarded unread
-
-    def _http_chunks(self, buf, pos):
-        """Feed buf[pos:] to the pending request's chunked body; answer it once it
-        is complete. Returns the offset up to which buf was used."""
-        method, key, headers, minor, body = self.http_pending
-        pos = body.feed(buf, pos)
-        if body.done:
-            self.http_pending = None
-            self.server.release(self)
-            self._http_complete(method, key, headers, b"".join(body.parts))
-        elif not self.server.reserve(self, body.total + max(body.wanted, len(buf) - pos)):
-            self.stats["store_no_memory"] += 1
-            raise HttpError(507, NO_MEMORY.why)
-        else:
-            self._http_continue(headers, minor)
-            self.need = body.wanted
-        return pos
-
-    def _http_complete(self, method, key, headers, body):
-        """A whole request is in: answer it, then close if it asked to."""
-        self.http_continued = False
-        self._http_answer(method, key, headers, body)
-        if self.http_close:
-            self.close_when_sent()
-
-    @staticmethod
-    def _discard(buf, pos=0):
-        return len(buf)
-
-    def _http_check_origin(self, headers):
-        """Refuse (403) what a web page the user opened could send: a request
-        with an Origin not allowed, or, when the server listens on loopback,
-        one whose Host is not a name of this server (DNS rebinding)."""
-        origin = headers.get(b"origin")
-        if origin is not None and origin not in self.server.http_origins:
-            raise HttpError(403, b"Origin not allowed (--http-allow-origin)")
-        hosts = self.server.http_hosts
-        host = headers.get(b"host")
-        if hosts is not None and host is not None:
-            name = host.rpartition(b":")[0] if host.count(b":") == 1 or b"]:" in host else host
-            if name.lower() not in hosts:
-                raise HttpError(403, b"Host not allowed (--http-host)")
-
-    def _http_continue(self, headers, minor):
-        """`Expect: 100-continue`: tell the client to send the body, once."""
-        if (not self.http_continued and minor == 1
-                and headers.get(b"expect", b"").lower() == b"100-continue"):
-            self.http_continued = True
-            self.write(HTTP_CONTINUE)
-
-    def _http_answer(self, method, key, headers, body):
+    def http_request(self, request):
+        """HttpParser: answer one whole request, then close if it asked to."""
+        self.http_req = request
         try:
-            self._http_route(method, key, headers, body)
+            self._http_route(request.method, request.key, request.headers, request.body)
         except ServerError as err:        # the log or the store cannot take it now
             self._http_reply(507 if isinstance(err, OUT_OF_SPACE) else 503, detail=err.why)
+        if request.close:
+            self.close_when_sent()
+
+    def http_error(self, status, detail):
+        """HttpParser: a request that cannot be framed; the connection closes."""
+        self.writelines(http_response(HTTP_CLOSING, status, detail=detail))
+
+    def http_emit(self, chunks):
+        self.writelines(chunks)
 
     def _http_route(self, method, key, headers, body):
         if method not in HTTP_METHODS:
@@ -3709,30 +3904,28 @@ class ServerConnection(Connection):
             return self._http_reply(400, detail=b"request target is not a path")
         if len(key) > KEY_MAX_LENGTH:
             return self._http_reply(400, detail=b"key longer than 250 bytes")
-        head_only = method == b"HEAD"
         if not key:
             if method not in (b"GET", b"HEAD"):
                 return self._http_reply(405, extra=HTTP_ALLOW_ROOT)
             stats = {name: _json_number(value) for name, value in self.server.general_stats()}
             return self._http_reply(200, json.dumps(stats).encode() + b"\n",
-                                    b"application/json", head_only=head_only)
+                                    b"application/json")
         if method in (b"GET", b"HEAD"):
-            return self._http_get(key, head_only)
+            return self._http_get(key)
         if method == b"DELETE":
             return self._http_delete(key, headers)
         return self._http_put(key, headers, body)
 
-    def _http_get(self, key, head_only):
+    def _http_get(self, key):
         item = self.store.get(key)
         self.stats["cmd_get"] += 1
         if item is None:
             self.stats["get_misses"] += 1
-            return self._http_reply(404, head_only=head_only)
+            return self._http_reply(404)
         self.stats["get_hits"] += 1
-        extra = b'X-Memtool-Flags: %d\r\nX-Memtool-Exptime: %d\r\nETag: "%d"\r\n' % (
-            item.flags, item.exptime, item.cas)
         return self._http_reply(200, memoryview(item.rendered)[item.vstart:-2],
-                                b"application/octet-stream", extra, head_only)
+                                b"application/octet-stream",
+                                http_item_headers(item.flags, item.exptime, item.cas))
 
     def _http_precondition(self, key, headers):
         """(passes, cas unique to require or None) for the request's If-Match."""
@@ -3785,17 +3978,9 @@ class ServerConnection(Connection):
         return self._http_reply(409 if mode == b"E" else 412)
 
     def _http_reply(self, status, body=None, content_type=b"text/plain", extra=b"",
-                    head_only=False, detail=b""):
-        """Queue one response; body None means the reason phrase as text."""
-        if body is None:
-            body = HTTP_REASONS[status] + (b": " + detail if detail else b"") + b"\n"
-        if self.http_close:
-            extra += b"Connection: close\r\n"
-        elif self.http_keep_alive_10:
-            extra += b"Connection: keep-alive\r\n"
-        head = b"HTTP/1.1 %d %b\r\nContent-Type: %b\r\nContent-Length: %d\r\n%b\r\n" % (
-            status, HTTP_REASONS[status], content_type, len(body), extra)
-        self.writelines((head,) if head_only else (head, body))
+                    detail=b""):
+        """Queue the response to the request being answered (http_response)."""
+        self.writelines(http_response(self.http_req, status, body, content_type, extra, detail))
 
     # -- other commands ------------------------------------------------------
 
