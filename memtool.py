@@ -3291,29 +3291,32 @@ class HttpParser:
             self.conn.http_emit((HTTP_CONTINUE,))
 
 
-class ServerConnection(Connection):
-    """One client of `serve`: memcached text protocol in, replies out."""
+class ProtocolConnection(Connection):
+    """A client of a memcached port (a server's or a proxy's): the input side that
+    both share. Keeps what is incomplete (a line, a data block) and what a
+    share of a pass left unparsed; swallows refused data blocks; switches to
+    HTTP at an HTTP request line; closes at once on a binary-protocol request.
 
-    def __init__(self, server, sock, addr):
-        super().__init__(server.loop, sock, addr)
-        self.server = server         # the Server, for settings and shutdown
-        self.store = server.store    # the Store every command works on
-        self.stats = server.stats    # server-wide counters
+    owner: the Server or the Proxy, which gives reqs_per_event, http,
+    http_origins, http_hosts, item_size_max, stats (a dict of counters) and
+    reserve()/release() for incomplete input. Subclasses implement
+    process(buf, pos) -> offset of the rest, and the HttpParser callbacks.
+    """
+
+    def __init__(self, owner, sock, addr):
+        super().__init__(owner.loop, sock, addr)
+        self.server = owner          # the Server or the Proxy
+        self.stats = owner.stats     # its counters
         self.inbuf = b""             # bytes of an incomplete command
         self.backlog = None          # (buffer, offset): complete commands left unparsed
                                      # when the share of a pass ran out (hold, pause)
         self.need = 0                # don't parse until inbuf holds this many bytes
         self.swallow = 0             # bytes of a refused data block still to discard
-        self.reserved = 0            # bytes of an incomplete data block counted in
-                                     # server.held_bytes
+        self.reserved = 0            # bytes of incomplete input counted by owner.reserve
         self.share = 0               # requests left in this pass's share (-R)
-        self.continuation = None     # (keys, next index, exptime, with_cas) of a
-                                     # multiget cut by the share
-        self.batch_start = -1        # outbuf index of this pass's first logged write
         self.noreply = False         # the current command said noreply
         self.process = self._sniff   # the parser for what arrives (process, HttpParser's)
         self.http = None             # the HttpParser, once the connection switched
-        self.http_req = None         # the HTTP request being answered
 
     def data_received(self, data):
         start = 0
@@ -3329,28 +3332,124 @@ class ServerConnection(Connection):
                 skip = min(self.swallow, len(data))
                 self.swallow -= skip
                 data = data[skip:]
-                if not data and not self.continuation:
+                if not data and not self.more_to_do():
                     return
             if self.inbuf:
                 self.inbuf += data
                 if len(self.inbuf) < self.need:
                     return
                 data = bytes(self.inbuf)
+        pos = self.parse(data, start)
+        if pos >= len(data):
+            self.inbuf = b""
+            if self.reserved and not (self.http and self.http.holding_body):
+                self.server.release(self)     # nothing incomplete is held any more
+        elif self.held or self.paused:
+            self.inbuf = b""
+            self.backlog = (data, pos)
+        else:
+            self.inbuf = bytearray(data[pos:])
+
+    def parse(self, data, start):
+        """process() the input; subclasses wrap it."""
+        return self.process(data, start)
+
+    def more_to_do(self):
+        """Is there work left without new input (a multiget cut by the share)?"""
+        return False
+
+    def line_incomplete(self, buf, pos):
+        """frame_request() found no whole line at buf[pos:]: wait for it (a long
+        multiget line counts against -m); the offset to go on from."""
+        end = len(buf)
+        if end - pos > LINE_MAX_BYTES and not self.server.reserve(self, end - pos):
+            self.write(LINE_NO_MEMORY.line)
+            self.close_when_sent()
+            return end
+        self.need = 0
+        return pos
+
+    def _sniff(self, buf, pos=0):
+        """The first bytes: a binary-protocol request (magic 0x80) is closed at
+        once, since memtool does not speak it and the client would wait forever."""
+        del self.process
+        if buf[pos:pos + 1] == b"\x80":
+            log.warning("%s: a memcached binary-protocol request; memtool speaks the text "
+                        "and meta protocols only, closing", self.addr)
+            raise Disconnect
+        return self.process(buf, pos)
+
+    def reply(self, line):
+        if not self.noreply:
+            self.write(line)
+
+    def _pause(self, pos):
+        """Replies to this read pass the high-water mark: keep the rest of the
+        commands unparsed until they drain (memory stays bounded by what the
+        client claims to want, not by what it sends)."""
+        self.paused = True
+        self.need = 0
+        return pos
+
+    def _yield(self, pos):
+        """This pass's share (-R requests) is used up: go on in the next pass, so
+        one busy client cannot keep the others waiting."""
+        self.stats["conn_yields"] += 1
+        self.need = 0
+        self.hold()
+        return pos
+
+    def _skip_block(self, buf, end):
+        """Discard a refused data block ending at `end`, which may not have arrived."""
+        if end > len(buf):
+            self.swallow = end - len(buf)
+            return len(buf)
+        return end
+
+    def _switch_to_http(self, buf, pos):
+        """An HTTP request line: the connection speaks HTTP from here on."""
+        if not self.server.http:
+            log.info("%s: HTTP request, but HTTP is off (--no-http); closing", self.addr)
+            raise Disconnect
+        self.http = HttpParser(self)
+        self.process = self.http.process
+        return self.process(buf, pos)
+
+    def http_emit(self, chunks):
+        self.writelines(chunks)
+
+    def resume(self):
+        if not self.closed:
+            self.data_received(b"")
+
+    def connection_lost(self):
+        self.server.release(self)
+        self.stats["bytes_read"] += self.bytes_read
+        self.stats["bytes_written"] += self.bytes_written
+
+
+class ServerConnection(ProtocolConnection):
+    """One client of `serve`: memcached text and meta protocol in, replies out."""
+
+    def __init__(self, server, sock, addr):
+        super().__init__(server, sock, addr)
+        self.store = server.store    # the Store every command works on
+        self.continuation = None     # (keys, next index, exptime, with_cas) of a
+                                     # multiget cut by the share
+        self.batch_start = -1        # outbuf index of this pass's first logged write
+        self.http_req = None         # the HTTP request being answered
+
+    def parse(self, data, start):
         server = self.server
         server.current = self
         if server.store.undo is not None and self.batch_start < 0:
             server.track_batch(self)     # what it reads may be undone with the batch
         pos = self.process(data, start)
         server.current = None
-        if pos >= len(data):
-            self.inbuf = b""
-            if self.reserved and not (self.http and self.http.holding_body):
-                server.release(self)      # nothing incomplete is held any more
-        elif self.held or self.paused:
-            self.inbuf = b""
-            self.backlog = (data, pos)
-        else:
-            self.inbuf = bytearray(data[pos:])
+        return pos
+
+    def more_to_do(self):
+        return self.continuation is not None
 
     def process(self, buf, pos=0):
         """Handle the complete commands in buf[pos:], up to this pass's share;
@@ -3377,12 +3476,7 @@ class ServerConnection(Connection):
                 return self._yield(pos)
             framed = frame_request(buf, pos)
             if framed is None:
-                if end - pos > LINE_MAX_BYTES and not self.server.reserve(self, end - pos):
-                    self.write(LINE_NO_MEMORY.line)     # a long multiget line, held
-                    self.close_when_sent()
-                    return end
-                self.need = 0
-                return pos
+                return self.line_incomplete(buf, pos)
             spec, tokens, start, after, args = framed
             if spec is HTTP_REQUEST:
                 return self._switch_to_http(buf, pos)
@@ -3408,20 +3502,6 @@ class ServerConnection(Connection):
             return self._yield(pos)
         return end if self.closing else pos
 
-    def _sniff(self, buf, pos=0):
-        """The first bytes: a binary-protocol request (magic 0x80) is closed at
-        once, since memtool does not speak it and the client would wait forever."""
-        del self.process
-        if buf[pos:pos + 1] == b"\x80":
-            log.warning("%s: a memcached binary-protocol request; memtool speaks the text "
-                        "and meta protocols only, closing", self.addr)
-            raise Disconnect
-        return self.process(buf, pos)
-
-    def reply(self, line):
-        if not self.noreply:
-            self.write(line)
-
     def refuse_batch(self, error):
         """The log could not take this pass's batch: answer with error (a
         ServerError class) in place of every reply since the batch began here
@@ -3436,40 +3516,9 @@ class ServerConnection(Connection):
             self.write(error.line)
         self.close_when_sent()
 
-    def _pause(self, pos):
-        """Replies to this read pass the high-water mark: keep the rest of the
-        commands unparsed until they drain (memory stays bounded by what the
-        client claims to want, not by what it sends)."""
-        self.paused = True
-        self.need = 0
-        return pos
-
-    def _yield(self, pos):
-        """This pass's share (-R requests) is used up: go on in the next pass, so
-        one busy client cannot keep the others waiting."""
-        self.stats["conn_yields"] += 1
-        self.need = 0
-        self.hold()
-        return pos
-
-    def _switch_to_http(self, buf, pos):
-        """An HTTP request line: the connection speaks HTTP from here on."""
-        if not self.server.http:
-            log.info("%s: HTTP request, but HTTP is off (--no-http); closing", self.addr)
-            raise Disconnect
-        self.http = HttpParser(self)
-        self.process = self.http.process
-        return self.process(buf, pos)
-
-    def resume(self):
-        if not self.closed:
-            self.data_received(b"")
-
     def connection_lost(self):
         self.server.connections.discard(self)
-        self.server.release(self)
-        self.stats["bytes_read"] += self.bytes_read
-        self.stats["bytes_written"] += self.bytes_written
+        super().connection_lost()
 
     # -- retrieval -----------------------------------------------------------
 
@@ -3629,13 +3678,6 @@ class ServerConnection(Connection):
             self.reply(BAD_DATA_CHUNK.line)
             return end, None
         return end, buf[start:end - 2]
-
-    def _skip_block(self, buf, end):
-        """Discard a refused data block ending at `end`, which may not have arrived."""
-        if end > len(buf):
-            self.swallow = end - len(buf)
-            return len(buf)
-        return end
 
     # -- meta commands (memcached 1.6.18 proto_text.c process_m*_command) -----
     #
@@ -3893,9 +3935,6 @@ class ServerConnection(Connection):
     def http_error(self, status, detail):
         """HttpParser: a request that cannot be framed; the connection closes."""
         self.writelines(http_response(HTTP_CLOSING, status, detail=detail))
-
-    def http_emit(self, chunks):
-        self.writelines(chunks)
 
     def _http_route(self, method, key, headers, body):
         if method not in HTTP_METHODS:
