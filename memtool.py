@@ -61,8 +61,9 @@ Contents (``grep -n '^# =====' memtool.py``):
     6. Update log
     7. Event loop and connections
     8. Server
-    9. Bench
-    10. CLI
+    9. Proxy
+    10. Bench
+    11. CLI
 """
 
 import argparse
@@ -619,6 +620,29 @@ def encode_stats(pairs):
     return b"".join(lines)
 
 
+def stats_reply(tokens, source):
+    """The reply to `stats [sub]`, memcached's: source gives general_stats() and
+    settings() pairs and reset_stats(). Raises the errors memcached gives."""
+    if len(tokens) == 1:
+        return encode_stats(source.general_stats())
+    sub = tokens[1]
+    if sub == b"reset":
+        source.reset_stats()
+        return RESET
+    if sub == b"settings":
+        return encode_stats(source.settings())
+    if sub == b"detail":
+        mode = tokens[2] if len(tokens) > 2 else None
+        if mode in (b"on", b"off"):
+            return OK
+        if mode == b"dump":
+            return END
+        raise ClientError(b"usage: stats detail on|off|dump")
+    if sub in (b"items", b"slabs", b"sizes", b"conns"):
+        return END     # no slab allocator: memcached's answer for an empty cache
+    raise UNKNOWN
+
+
 # HTTP/1.1 requests (RFC 9112), as far as a key-value store needs them: the
 # head, a Content-Length or chunked body, keys from the path.
 HTTP_HEAD_END = re.compile(rb"\n\r?\n")
@@ -808,7 +832,8 @@ def _command_table():
             ("mn", 0, BLOCK_NONE, REPLY_META, ROUTE_LOCAL, False),
             ("flush_all", 0, BLOCK_NONE, REPLY_LINE, ROUTE_ALL, True),
             ("verbosity", 0, BLOCK_NONE, REPLY_LINE, ROUTE_ALL, False),
-            ("version cache_memlimit shutdown", 0, BLOCK_NONE, REPLY_LINE, ROUTE_LOCAL, False),
+            ("cache_memlimit", 0, BLOCK_NONE, REPLY_LINE, ROUTE_ALL, False),
+            ("version shutdown", 0, BLOCK_NONE, REPLY_LINE, ROUTE_LOCAL, False),
             ("stats", 0, BLOCK_NONE, REPLY_STATS, ROUTE_LOCAL, False),
             ("quit", 0, BLOCK_NONE, REPLY_NONE, ROUTE_LOCAL, False)):
         for name in names.split():
@@ -865,11 +890,14 @@ def read_reply(buf, pos, expect):
 
     Returns None until the whole reply is there, else (end offset, status,
     hits): status is the reply's last line without CRLF (b"END", b"STORED",
-    b"MN", an error line, ...), hits a list of (key, flags, data) for each
-    value it carried (key None for a meta VA without the k flag). An error
-    line ends any reply. Raises BadReply for bytes that are not a reply.
+    b"MN", an error line, ...), hits a list of (key, flags, data, start, end)
+    for each value it carried, start and end the offsets of its whole block
+    from the start of the reply (key None for a meta VA without the k flag). An error line ends any
+    reply but a quiet batch, which only MN ends. Raises BadReply for bytes
+    that are not a reply.
     """
     hits = []
+    first = pos
     while True:
         eol = buf.find(b"\r\n", pos)
         if eol < 0:
@@ -877,7 +905,8 @@ def read_reply(buf, pos, expect):
                 raise BadReply("reply line too long")
             return None
         line = buf[pos:eol]
-        if expect == REPLY_LINE or line.startswith(ERROR_PREFIXES):
+        if expect == REPLY_LINE or (expect != REPLY_META_BATCH
+                                    and line.startswith(ERROR_PREFIXES)):
             return eol + 2, line, hits
         if line.startswith(b"VALUE ") if expect == REPLY_VALUES else line.startswith(b"VA "):
             parts = line.split(b" ")
@@ -894,14 +923,16 @@ def read_reply(buf, pos, expect):
                 return None
             if buf[end:end + 2] != CRLF:
                 raise BadReply("data block not followed by CRLF")
-            hits.append((key, flags, buf[eol + 2:end]))
+            hits.append((key, flags, buf[eol + 2:end], pos - first, end + 2 - first))
             pos = end + 2
             if expect == REPLY_META:
                 return pos, b"VA", hits
-        elif expect == REPLY_VALUES:
-            if line != b"END":
+        elif expect in (REPLY_VALUES, REPLY_STATS):
+            if line == b"END":
+                return eol + 2, line, hits
+            if expect == REPLY_VALUES or not line.startswith(b"STAT "):
                 raise BadReply(f"unexpected line {line[:80]!r}")
-            return eol + 2, line, hits
+            pos = eol + 2
         elif expect == REPLY_META or line == b"MN":
             return eol + 2, line, hits
         else:
@@ -2978,6 +3009,70 @@ class Upstream(Connection):
             self._arm()
 
 
+class Histogram:
+    """Latency histogram in microseconds, log-linear like HdrHistogram.
+
+    Values below 256 µs are exact; above, each power of two is cut into 128
+    buckets, so a reported value is within 0.4 % of the true one (up to
+    60 s; longer values are clamped). Two histograms merge by adding counts.
+    """
+
+    SUB_BUCKETS = 128
+    MAX_US = 60 * 1000 * 1000
+    BUCKETS = 2 * SUB_BUCKETS + (MAX_US.bit_length() - 8) * SUB_BUCKETS
+
+    def __init__(self):
+        self.counts = [0] * self.BUCKETS   # samples per bucket
+        self.count = 0
+        self.total = 0.0     # sum of samples, µs
+        self.max = 0.0
+
+    def record(self, microseconds):
+        value = int(microseconds)
+        if value < 256:
+            index = value if value > 0 else 0
+        else:
+            if value > self.MAX_US:
+                value = self.MAX_US
+            shift = value.bit_length() - 8
+            index = 128 + shift * 128 + (value >> shift) - 128
+        self.counts[index] += 1
+        self.count += 1
+        self.total += microseconds
+        if microseconds > self.max:
+            self.max = microseconds
+
+    def merge(self, other):
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.count += other.count
+        self.total += other.total
+        self.max = max(self.max, other.max)
+        return self
+
+    @property
+    def mean(self):
+        return self.total / self.count if self.count else 0.0
+
+    def percentile(self, p):
+        """The value (µs) at or below which p percent (0..100) of the samples fall."""
+        if not self.count:
+            return 0.0
+        rank = max(1, -(-self.count * p // 100))
+        seen = 0
+        for index, n in enumerate(self.counts):
+            seen += n
+            if seen >= rank:
+                return min(self._midpoint(index), self.max)
+        return self.max
+
+    def _midpoint(self, index):
+        if index < 2 * self.SUB_BUCKETS:
+            return float(index)
+        shift = (index - 2 * self.SUB_BUCKETS) // self.SUB_BUCKETS + 1
+        low = ((index - 2 * self.SUB_BUCKETS) % self.SUB_BUCKETS + 128) << shift
+        return low + ((1 << shift) - 1) / 2
+
+
 class Listener:
     """A listening TCP socket that calls factory(sock, addr) for each new client.
 
@@ -3057,7 +3152,8 @@ HTTP_REASONS = {100: b"Continue", 200: b"OK", 201: b"Created", 400: b"Bad Reques
                 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
                 409: b"Conflict", 412: b"Precondition Failed", 413: b"Payload Too Large",
                 431: b"Request Header Fields Too Large", 501: b"Not Implemented",
-                503: b"Service Unavailable", 505: b"HTTP Version Not Supported",
+                502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+                505: b"HTTP Version Not Supported",
                 507: b"Insufficient Storage"}
 HTTP_METHODS = (b"GET", b"HEAD", b"PUT", b"POST", b"DELETE")
 HTTP_ALLOW_ALL = b"Allow: GET, HEAD, PUT, POST, DELETE\r\n"
@@ -3152,7 +3248,7 @@ class HttpParser:
         end = len(buf)
         conn.need = 0
         conn.share = conn.server.reqs_per_event
-        while pos < end and not conn.closing:
+        while pos < end and not conn.done_reading:
             if len(conn.outbuf) > conn.check_at and conn.backed_up():
                 return conn._pause(pos)
             conn.share -= 1
@@ -3184,7 +3280,7 @@ class HttpParser:
             if after is None:
                 return pos
             pos = after
-        return end if conn.closing else pos
+        return end if conn.done_reading else pos
 
     @property
     def holding_body(self):
@@ -3353,6 +3449,11 @@ class ProtocolConnection(Connection):
     def parse(self, data, start):
         """process() the input; subclasses wrap it."""
         return self.process(data, start)
+
+    @property
+    def done_reading(self):
+        """No more requests are read (quit, a close after the replies owed)."""
+        return self.closing
 
     def more_to_do(self):
         """Is there work left without new input (a multiget cut by the share)?"""
@@ -4092,27 +4193,7 @@ class ServerConnection(ProtocolConnection):
         self.reply(OK)
 
     def cmd_stats(self, tokens):
-        if len(tokens) == 1:
-            self.write(encode_stats(self.server.general_stats()))
-            return
-        sub = tokens[1]
-        if sub == b"reset":
-            self.server.reset_stats()
-            self.write(RESET)
-        elif sub == b"settings":
-            self.write(encode_stats(self.server.settings()))
-        elif sub == b"detail":
-            mode = tokens[2] if len(tokens) > 2 else None
-            if mode in (b"on", b"off"):
-                self.write(OK)
-            elif mode == b"dump":
-                self.write(END)
-            else:
-                raise ClientError(b"usage: stats detail on|off|dump")
-        elif sub in (b"items", b"slabs", b"sizes", b"conns"):
-            self.write(END)   # no slab allocator: memcached's answer for an empty cache
-        else:
-            raise UNKNOWN
+        self.write(stats_reply(tokens, self.server))
 
     def cmd_cache_memlimit(self, tokens):
         """`cache_memlimit <megabytes> [noreply]`: change -m at run time."""
@@ -4655,7 +4736,1352 @@ class DataCheck:
             os.path.join(aside, f"{os.path.basename(name)}.{stamp}"))
 
 
-# ===== 9. Bench ==============================================================
+# ===== 9. Proxy ==============================================================
+#
+# `memtool.py proxy`, twemproxy's model. A client's requests are framed by
+# frame_request(), routed by the pool's continuum to a Backend and sent on
+# one of its server_connections Upstreams, pipelined. Each request takes a
+# reply slot on its client; replies come back in each Upstream's order, fill
+# their slots, and slots leave in request order (nc_connection.c's picture):
+#
+#   client --requests--> ProxyConnection --route--> Backend (Upstream x n) --> server
+#          <--slots, in order--'          <--replies, in order--'
+#
+# A multiget is split per backend and merged back in the client's key order.
+# A quiet request (noreply, meta q) goes with an `mn` after it, so that
+# whatever the server says for it comes back before an MN, and a connection
+# never loses its place in the reply stream. Requests are validated by the
+# backend, which answers exactly what memcached answers; only what cannot be
+# routed (unknown commands, keys over 250 bytes in a multiget, lines too
+# long) is answered here.
+#
+# Backups: every write also goes to the key's backup (the backups are a ring
+# of their own). A primary that fails is taken out; its keys are answered by
+# their backups and the keys written meanwhile are remembered. Probed back
+# with `version`, it is synced (those keys copied from the backup, or it is
+# flushed when there were more than --dirty-limit), then warms up for
+# `warmup` seconds: a miss on it is asked of the backup and a hit copied in
+# with add. Without backups, auto_eject_hosts rebuilds the ring from the
+# live servers exactly as twemproxy does. Section 8's HttpParser answers
+# HTTP on the proxy port, routed like get/set/delete.
+#
+# The configuration is an unmodified nutcracker.yml (a small YAML subset,
+# read below) or command-line flags.
+
+PROXY_VERSION = MEMCACHED_VERSION + b"-memtool-proxy-" + __version__.encode()
+PROXY_IN_FLIGHT_MAX = 1024          # requests a client may have waiting; more pause it
+PROXY_IN_FLIGHT_BYTES = 4 << 20     # ... or bytes of them
+PROXY_HELD_BYTES = 64 << 20         # incomplete requests held, all clients
+PROBE_BACKOFF_MAX = 16              # a flapping server stays out up to this many retry times
+DIRTY_LIMIT_DEFAULT = 100000        # keys remembered per primary while it is out
+PROXY_CONNECT_SECONDS = 2.0         # a connect without the pool's timeout gives up after this
+PROXY_COUNTERS = ("total_connections", "requests", "conn_yields", "store_no_memory",
+                  "bytes_read", "bytes_written")
+SYNC_BATCH_KEYS = 100               # dirty keys copied at a time when a primary returns
+POOL_DEFAULTS = {"hash": "fnv1a_64", "hash_tag": None, "distribution": "ketama",
+                 "timeout": None, "backlog": 512, "preconnect": False,
+                 "auto_eject_hosts": False, "server_retry_timeout": 30000,
+                 "server_failure_limit": 2, "server_connections": 1, "backups": [],
+                 "warmup": 0}
+CONF_NUMBERS = ("timeout", "backlog", "client_connections", "server_connections",
+                "server_retry_timeout", "server_failure_limit")
+CONF_BOOLS = ("preconnect", "auto_eject_hosts", "tcpkeepalive", "redis")
+CONF_LISTS = ("servers", "backups")
+CONF_KEYS = ("listen", "hash", "hash_tag", "distribution", "redis_auth", "redis_db",
+             "warmup") + CONF_NUMBERS + CONF_BOOLS + CONF_LISTS
+CONF_INT_MAX = 2 ** 31 - 1          # nutcracker keeps numbers in a C int
+SERVER_FORMAT = '"hostname:port:weight [name]"'
+
+
+class _YamlLines:
+    """The lines of a nutcracker.yml, without comments and blank lines:
+    (line number, indent, content). Refuses what the subset does not have."""
+
+    def __init__(self, text, filename):
+        self.filename = filename
+        self.rows = []
+        for number, raw in enumerate(text.lstrip("\ufeff").splitlines(), 1):
+            content = raw.lstrip(" \t")
+            if "\t" in re.match(r"[ \t]*(-[ \t]+)?", raw).group(0):
+                raise self.error(number, "tab character used for indentation")
+            if not content or content.startswith("#"):
+                continue
+            if re.match(r"(---|\.\.\.)(\s|$)|%", raw):
+                raise self.error(number, "document markers and directives are not supported")
+            self.rows.append((number, len(raw) - len(content), content))
+
+    def error(self, number, why):
+        return ConfigError(f"{self.filename}:{number}: {why}")
+
+    def scalar(self, text, number):
+        """A plain or quoted scalar (true/false become bools), comments stripped."""
+        if text[:1] in ("'", '"'):
+            quote = text[0]
+            match = re.match(r"'((?:[^']|'')*)'" if quote == "'" else r'"((?:[^"\\]|\\.)*)"',
+                             text)
+            if not match:
+                raise self.error(number, "unterminated quoted string")
+            rest = text[match.end():].strip()
+            if rest and not rest.startswith("#"):
+                raise self.error(number, "unexpected text after a quoted value")
+            value = match.group(1)
+            return value.replace("''", "'") if quote == "'" else \
+                value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        if text[0] in "[]{},&*!|>%@`?":
+            raise self.error(number, "flow collections, anchors, tags and block scalars are "
+                                     "not supported")
+        value = re.split(r"\s#", text, 1)[0].strip()
+        if re.search(r":(\s|$)", value):
+            raise self.error(number, "nested mappings are not supported (quote the value)")
+        return {"true": True, "false": False}.get(value, value)
+
+    def key_value(self, content, number):
+        match = re.match(r"""([^\s:#'"][^:]*?|'[^']*'|"[^"]*")\s*:(\s+|$)(.*)""", content)
+        if not match:
+            raise self.error(number, "expected 'key: value'")
+        key = match.group(1).strip("'\"")
+        rest = match.group(3).strip()
+        value = None if not rest or rest.startswith("#") else self.scalar(rest, number)
+        if value == "":
+            raise self.error(number, f'directive "{key}" has an empty value')
+        return key, value
+
+    def parse(self):
+        """{pool: {key: scalar or [scalar]}} and {(pool[, key[, index]]): line}."""
+        tree, lines, rows, i = {}, {}, self.rows, 0
+        root = rows[0][1] if rows else 0
+        while i < len(rows):
+            number, indent, content = rows[i]
+            if indent != root or content.startswith("-"):
+                raise self.error(number, "expected 'pool_name:' at the top level")
+            name, value = self.key_value(content, number)
+            if value is not None:
+                raise self.error(number, f"pool '{name}' must be a mapping of settings")
+            if name in tree:
+                raise self.error(number, f"duplicate pool name '{name}'")
+            pool, lines[(name,)], i = tree.setdefault(name, {}), number, i + 1
+            if i == len(rows) or rows[i][1] <= root:
+                raise self.error(number, f"pool '{name}' has no settings")
+            inner = rows[i][1]
+            while i < len(rows) and rows[i][1] > root:
+                number, indent, content = rows[i]
+                if indent != inner or content.startswith("-"):
+                    raise self.error(number, "inconsistent indentation")
+                key, value = self.key_value(content, number)
+                if key in pool:
+                    raise self.error(number, f'duplicate key "{key}"')
+                lines[(name, key)], i = number, i + 1
+                if value is not None:
+                    pool[key] = value
+                    continue
+                items = []
+                while i < len(rows) and rows[i][1] >= inner and rows[i][2][:2] in ("- ", "-"):
+                    number, _, content = rows[i]
+                    item = content[1:].strip()
+                    if not item or item.startswith("#"):
+                        raise self.error(number, "empty list item")
+                    lines[(name, key, len(items))], i = number, i + 1
+                    items.append(self.scalar(item, number))
+                if not items:
+                    raise self.error(number, f'directive "{key}" has an empty value')
+                pool[key] = items
+        return tree, lines
+
+
+def _conf_server(entry, bad):
+    """'host:port:weight [name]' as nutcracker's conf_add_server reads it."""
+    rest, sep, name = entry.rpartition(" ")
+    rest, name = (rest, name) if sep else (entry, None)
+    if entry.startswith("/"):
+        bad("is a unix socket: memtool's proxy connects over TCP only")
+    parts = rest.rsplit(":", 2)
+    if len(parts) != 3:
+        bad(f"has an invalid {SERVER_FORMAT} format string")
+    host, port, weight = parts
+    if not weight.isdigit() or int(weight) > CONF_INT_MAX:
+        bad(f"has an invalid weight in {SERVER_FORMAT} format string")
+    if int(weight) == 0:
+        bad(f"has a zero weight in {SERVER_FORMAT} format string")
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        bad(f"has an invalid port in {SERVER_FORMAT} format string")
+    if not host or name == "":
+        bad(f"has an empty {'name' if host else 'hostname'} in {SERVER_FORMAT} format string")
+    return {"host": host.strip("[]"), "port": int(port), "weight": int(weight), "name": name}
+
+
+def load_pools(text, filename):
+    """The pools of a nutcracker.yml (twemproxy 0.5.0's keys and defaults, its
+    checks and wording), in file order, as dicts with POOL_DEFAULTS' keys plus
+    name, listen (host, port) and servers/backups ([{host, port, weight, name}]).
+
+    backups and warmup are memtool's own keys. Keys only redis pools use are
+    refused: memtool proxies the memcached protocol. Raises ConfigError
+    "FILE:LINE: reason".
+    """
+    tree, lines = _YamlLines(text, filename).parse()
+    if not tree:
+        raise ConfigError(f"{filename}:1: no pools")
+    pools, listens = [], {}
+    for pname, conf in tree.items():
+        def fail(why, *path, pname=pname):
+            line = lines.get((pname,) + path, lines[(pname,)])
+            raise ConfigError(f"{filename}:{line}: pool '{pname}': {why}")
+        pool = dict(POOL_DEFAULTS, name=pname, listen=None, servers=[], backups=[])
+        for key, value in conf.items():
+            def bad(why, *index, key=key):
+                fail(f'directive "{key}" {why}', key, *index)
+            if key not in CONF_KEYS:
+                bad("is unknown")
+            if isinstance(value, list) != (key in CONF_LISTS):
+                bad("must be a list of servers" if key in CONF_LISTS else "must be one value")
+            if key in CONF_LISTS:
+                for j, entry in enumerate(str(v) for v in value):
+                    pool[key].append(_conf_server(entry, lambda why, j=j, e=entry:
+                                                  bad(f"{why}: '{e}'", j)))
+                continue
+            text_value = value if isinstance(value, str) else str(value).lower()
+            if key in ("redis_auth", "redis_db") or (key == "redis" and value is not False):
+                bad("is not supported: memtool proxies the memcached protocol only")
+            if key in CONF_NUMBERS:
+                if not text_value.isdigit() or int(text_value) > CONF_INT_MAX:
+                    bad("is not a number")
+                pool[key] = int(text_value)
+            elif key in CONF_BOOLS:
+                if not isinstance(value, bool):
+                    bad('is not "true" or "false"')
+                pool[key] = value
+            elif key == "hash" and text_value not in HASHES:
+                bad("is not a valid hash")
+            elif key == "distribution" and text_value not in DISTRIBUTIONS:
+                bad("is not a valid distribution")
+            elif key == "hash_tag" and len(text_value.encode()) != 2:
+                bad("is not a valid hash tag string with two characters")
+            elif key == "warmup":
+                if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", text_value):
+                    bad("is not a number of seconds")
+                pool[key] = float(text_value)
+            elif key == "listen":
+                try:
+                    pool[key] = parse_address(text_value)
+                except ValueError:
+                    bad('has an invalid "hostname:port" format string')
+            else:
+                pool[key] = text_value
+        for key in ("redis", "client_connections", "tcpkeepalive"):
+            pool.pop(key, None)        # nutcracker ignores these for memcached pools
+        pool["timeout"] = pool["timeout"] or None   # nutcracker: timeout <= 0 means none
+        if pool["listen"] is None:
+            fail('directive "listen:" is missing')
+        if not pool["servers"]:
+            fail("has no servers")
+        if pool["server_connections"] == 0:
+            fail('directive "server_connections:" cannot be 0', "server_connections")
+        check_pool_servers(pool, lambda why, *path: fail(why, *path))
+        if pool["listen"] in listens:
+            fail(f"has the same listen address as pool '{listens[pool['listen']]}'", "listen")
+        listens[pool["listen"]] = pname
+        pools.append(pool)
+    return pools
+
+
+def check_pool_servers(pool, fail):
+    """No two servers (or backups) with one name; no backup that is a primary."""
+    for key in CONF_LISTS:
+        seen = set()
+        for j, srv in enumerate(pool[key]):
+            name = server_name(srv["host"], srv["port"], srv["name"])
+            if name in seen:
+                fail(f"has {key} with same name '{name}'", key, j)
+            seen.add(name)
+    primaries = {(s["host"], s["port"]) for s in pool["servers"]}
+    for j, srv in enumerate(pool["backups"]):
+        if (srv["host"], srv["port"]) in primaries:
+            fail(f"backup {srv['host']}:{srv['port']} is also one of its servers", "backups", j)
+
+
+def flag_pool(listen, servers, backups=(), **options):
+    """A pool from command-line flags: servers and backups are 'host:port[:weight]'."""
+    def server(text, what):
+        match = re.fullmatch(r"(\[[^\]]+\]|[^:\s]+):(\d+)(?::(\d+))?", text)
+        if not match or not 0 < int(match.group(2)) < 65536 or match.group(3) == "0":
+            raise ConfigError(f"{what} {text!r}: not HOST:PORT[:WEIGHT]")
+        return {"host": match.group(1).strip("[]"), "port": int(match.group(2)),
+                "weight": int(match.group(3) or 1), "name": None}
+    pool = dict(POOL_DEFAULTS, name="proxy", listen=parse_address(listen),
+                servers=[server(s, "-s") for s in servers],
+                backups=[server(s, "--backup") for s in backups])
+    pool.update((k, v) for k, v in options.items() if v is not None)
+
+    def fail(why, *path):
+        raise ConfigError(why)
+    check_pool_servers(pool, fail)
+    return pool
+
+
+def config_ring(config, specs):
+    """The Continuum of server specs ({host, port, weight, name}) under a pool
+    config's hash, distribution and hash_tag."""
+    return Continuum([(server_name(s["host"], s["port"], s["name"]), s["weight"])
+                      for s in specs], config["hash"], config["distribution"],
+                     config["hash_tag"] and config["hash_tag"].encode())
+
+
+def resolve(host, port):
+    """(ip, port) of host:port, resolved once (at start and reload, not per request)."""
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][:2]
+    except (OSError, UnicodeError) as err:
+        raise ConfigError(f"cannot resolve {host}:{port}: {err}") from None
+
+
+class Backend:
+    """One server of a pool (twemproxy's struct server): its connections, its
+    health and its figures.
+
+    spec: {host, port, weight, name} from the configuration; role "primary" or
+    "backup". state: "up"; "out" (failed or ejected; probed with `version`
+    after server_retry_timeout, longer each time it fails again, up to
+    PROBE_BACKOFF_MAX times); "syncing" (back, the keys written while it was
+    out being copied from their backups: no reads yet); "warming" (back: a
+    miss is asked of the backup, for the pool's warmup seconds).
+    """
+
+    def __init__(self, pool, spec, role):
+        self.pool = pool                 # the Pool it serves
+        self.spec = spec                 # its configuration entry
+        self.label = f"{spec['host']}:{spec['port']}"   # for stats and logs
+        self.name = server_name(spec["host"], spec["port"], spec["name"])   # on the ring
+        self.weight = spec["weight"]
+        self.role = role                 # "primary" or "backup"
+        self.address = resolve(spec["host"], spec["port"])
+        self.upstreams = [None] * pool.config["server_connections"]  # made when needed
+        self.turn = 0                    # the next upstream to use
+        self.state = "up"
+        self.failures = 0                # consecutive failed requests
+        self.backoff = 1                 # multiplier of the retry timeout
+        self.since = time.monotonic()    # when it entered its state
+        self.warm_until = 0.0            # monotonic end of its warm-up
+        self.dirty = set()               # keys written or deleted while it was out
+        self.overflow = False            # ... more than the dirty limit: flush it
+        self.requests = self.errors = self.timeouts = self.ejections = 0
+        self.latency = Histogram()       # µs from request to reply
+
+    def send(self, data, expect, slot, role=None):
+        """Send a request; slot.on_reply(self, role, status, hits, raw) gets the reply
+        (status None and raw the reason on failure)."""
+        i = self.turn
+        self.turn = (i + 1) % len(self.upstreams)
+        upstream = self.upstreams[i]
+        if upstream is None or upstream.closed:
+            upstream = self.upstreams[i] = self.connect(self._on_reply)
+        self.requests += 1
+        upstream.send(data, expect, (slot, role, time.perf_counter()))
+
+    def connect(self, on_reply):
+        timeout = self.pool.timeout
+        return Upstream(self.pool.proxy.loop, self.address, on_reply, None, timeout,
+                        timeout or PROXY_CONNECT_SECONDS)
+
+    @property
+    def serves_reads(self):
+        if self.state == "warming" and time.monotonic() >= self.warm_until:
+            self.state = "up"
+        return self.state in ("up", "warming")
+
+    @property
+    def warming(self):
+        return self.serves_reads and self.state == "warming"
+
+    def figures(self):
+        """(field, value) pairs for stats."""
+        return [("state", self.state), ("requests", self.requests), ("errors", self.errors),
+                ("timeouts", self.timeouts), ("ejections", self.ejections),
+                ("dirty_keys", -1 if self.overflow else len(self.dirty)),
+                ("latency_p50_us", int(self.latency.percentile(50))),
+                ("latency_p99_us", int(self.latency.percentile(99)))]
+
+    def close(self):
+        for upstream in self.upstreams:
+            if upstream is not None:
+                upstream.close()
+
+    def _on_reply(self, context, status, hits, raw):
+        if context is None:
+            return                       # bytes nobody asked for: the Upstream fails
+        slot, role, sent_at = context
+        if status is None:
+            self.errors += 1
+            self.timeouts += raw == "timeout"
+            self.pool.failed(self, raw)
+        else:
+            self.failures = 0
+            self.latency.record((time.perf_counter() - sent_at) * 1e6)
+        slot.on_reply(self, role, status, hits, raw)
+
+
+class Pool:
+    """A pool of a proxy: its backends and backups, their continuums, its listener.
+
+    config: a dict from load_pools() or flag_pool(). Raises ConfigError when a
+    server name does not resolve.
+    """
+
+    def __init__(self, proxy, config, old=None):
+        self.proxy = proxy               # the Proxy
+        self.config = config             # load_pools() entry
+        self.name = config["name"]
+        self.timeout = config["timeout"] / 1000 if config["timeout"] else None
+        self.retry = config["server_retry_timeout"] / 1000
+        kept = {} if old is None else {(b.spec["host"], b.spec["port"], b.name, b.weight, b.role):
+                                       b for b in old.servers + old.backups}
+        self.servers = [self._backend(s, "primary", kept) for s in config["servers"]]
+        self.backups = [self._backend(s, "backup", kept) for s in config["backups"]]
+        self.ring = self.backup_ring = None   # Continuums, built by rebuild()
+        self.ring_servers = []           # the servers self.ring places keys on
+        self.listener = None             # set by the Proxy
+        self.rebuild()
+        self.backup_ring = self.backups and self._continuum(self.backups)
+        if old is None:
+            for backend in self.servers:
+                backend.warm_until = time.monotonic() + config["warmup"]
+                if config["warmup"] and self.backups:
+                    backend.state = "warming"
+
+    def primary(self, key):
+        """The Backend that owns key (None when no server is live)."""
+        servers = self.ring_servers
+        if not servers:
+            return None
+        return servers[self.ring.index(key)] if len(servers) > 1 else servers[0]
+
+    def backup(self, key):
+        """The backup that keeps a copy of key, or None."""
+        if not self.backups:
+            return None
+        return self.backups[self.backup_ring.index(key)]
+
+    def failed(self, backend, reason):
+        """A request to backend failed: count it, and take the backend out when
+        twemproxy would eject it, or at once when it is a primary with backups."""
+        backend.failures += 1
+        if backend.state not in ("up", "warming"):
+            return
+        if self.backups and backend.role == "primary" or (
+                self.config["auto_eject_hosts"]
+                and backend.failures >= self.config["server_failure_limit"]):
+            self.take_out(backend, reason)
+
+    def take_out(self, backend, reason):
+        now_ = time.monotonic()
+        if backend.state in ("up", "warming") and now_ - backend.since > 2 * self.retry:
+            backend.backoff = 1          # it had been well for a while: not flapping
+        delay = self.retry * backend.backoff
+        backend.backoff = min(backend.backoff * 2, PROBE_BACKOFF_MAX)
+        if backend.state != "out":
+            backend.ejections += 1
+            log.warning("pool %s: %s %s is out (%s); probing it again in %g s", self.name,
+                        backend.role, backend.label, reason, delay)
+        backend.state, backend.since = "out", now_
+        self.rebuild()
+        self.proxy.loop.call_later(delay, lambda: self._probe(backend))
+
+    def mark_dirty(self, backend, key):
+        """backend (a primary that is out) missed a write to key."""
+        if backend.overflow or backend.role != "primary" or not self.backups:
+            return
+        backend.dirty.add(key)
+        if len(backend.dirty) > self.proxy.dirty_limit:
+            backend.overflow = True
+            backend.dirty.clear()
+
+    def forget(self, key):
+        """Delete key on its primary and backup, reading no reply."""
+        line = b"md %s q\r\nmn\r\n" % meta_key_args(key)
+        for backend in (self.primary(key), self.backup(key)):
+            if backend is not None and backend.state != "out":
+                backend.send(line, REPLY_META_BATCH, _Ignore())
+            elif backend is not None:
+                self.mark_dirty(backend, key)
+
+    def rebuild(self):
+        """The continuum of the live servers (all of them, unless the pool ejects
+        without backups), twemproxy's server ordering and point counts."""
+        servers = self.servers
+        if self.config["auto_eject_hosts"] and not self.backups:
+            servers = [b for b in servers if b.state != "out"]
+        self.ring_servers = servers
+        self.ring = self._continuum(servers) if servers else None
+
+    def figures(self):
+        return [(f"{self.name}:{b.label}:{field}", value)
+                for b in self.servers + self.backups for field, value in b.figures()]
+
+    def close(self):
+        if self.listener is not None:
+            self.listener.close()
+        for backend in self.servers + self.backups:
+            backend.close()
+
+    def _backend(self, spec, role, kept):
+        backend = kept.get((spec["host"], spec["port"],
+                            server_name(spec["host"], spec["port"], spec["name"]),
+                            spec["weight"], role))
+        if backend is None:
+            return Backend(self, spec, role)
+        backend.pool = self
+        return backend
+
+    def _continuum(self, servers):
+        return config_ring(self.config, [b.spec for b in servers])
+
+    def _probe(self, backend):
+        if backend.state != "out" or backend.pool is not self:
+            return
+
+        def answered(context, status, hits, raw):
+            probe.close()
+            if status is not None and status.startswith(b"VERSION"):
+                self._back(backend)
+            else:
+                self.take_out(backend, raw if status is None else status.decode("latin-1"))
+        probe = backend.connect(answered)
+        probe.send(b"version\r\n", REPLY_LINE)
+
+    def _back(self, backend):
+        backend.failures = 0
+        if backend.role == "primary" and (backend.dirty or backend.overflow):
+            backend.state, backend.since = "syncing", time.monotonic()
+            log.warning("pool %s: %s is back; copying %s from the backups first", self.name,
+                        backend.label, "nothing (it is flushed: too many keys changed)"
+                        if backend.overflow else f"{len(backend.dirty)} keys")
+            Sync(self, backend).start()
+        else:
+            self.readmit(backend)
+
+    def readmit(self, backend):
+        """backend takes keys again (and warms up, with backups)."""
+        warm = backend.role == "primary" and self.backups and self.config["warmup"]
+        backend.state = "warming" if warm else "up"
+        backend.since = time.monotonic()
+        backend.warm_until = backend.since + self.config["warmup"]
+        log.warning("pool %s: %s %s is back in service", self.name, backend.role, backend.label)
+        self.rebuild()
+
+
+class Slot:
+    """A client's place in the order of replies: filled by finish(), sent when
+    every slot before it has been (nc_connection.c's out-of-order replies
+    waiting their turn). close: close the connection after it."""
+
+    __slots__ = ("conn", "data", "close", "size")
+
+    def __init__(self, conn, data=None, close=False, size=0):
+        self.conn = conn                 # the ProxyConnection
+        self.data = data                 # the reply's chunks, None until known
+        self.close = close
+        self.size = size                 # bytes of the request, while in flight
+
+    def finish(self, data):
+        self.data = data
+        self.conn.slot_done()
+
+    def on_reply(self, backend, role, status, hits, raw):
+        """A backend's reply to a request of this slot (see Backend.send)."""
+        raise NotImplementedError
+
+
+def server_error(backend, reason):
+    return b"SERVER_ERROR %s %s\r\n" % (reason.encode() if isinstance(reason, str)
+                                          else reason, backend.label.encode())
+
+
+def meta_key_args(key):
+    """`<base64 key> b`: any key, as meta commands carry it safely."""
+    return binascii.b2a_base64(key, newline=False) + b" b"
+
+
+class KeySlot(Slot):
+    """A request with one key: a write goes to the key's primary and backup, the
+    primary's reply wins (the backup's when the primary is out or fails); a
+    read goes to the primary, else (out, failed) to the backup, and a miss on a
+    warming primary is asked of the backup and copied in with add."""
+
+    __slots__ = ("pool", "key", "raw", "expect", "quiet", "writes", "meta", "render",
+                 "primary", "backup_reply", "primary_failed")
+
+    def __init__(self, conn, key, raw, spec, quiet, render=None):
+        super().__init__(conn, size=len(raw))
+        self.pool = conn.pool
+        self.key = key                   # the routing key
+        self.raw = raw + b"mn\r\n" if quiet else raw   # quiet: MN ends what comes back
+        self.expect = REPLY_META_BATCH if quiet else spec.reply
+        self.quiet = quiet
+        self.writes = spec.writes
+        self.meta = spec.reply == REPLY_META
+        self.render = render             # turns the final reply into the client's bytes
+        self.primary = None
+        self.backup_reply = None         # a write's backup reply, until the primary's
+        self.primary_failed = None       # why the primary did not answer
+
+    def start(self):
+        pool, key = self.pool, self.key
+        primary, backup = pool.primary(key), pool.backup(key)
+        self.primary = primary
+        if self.writes:
+            if backup is not None:
+                backup.send(self.raw, self.expect, self, "backup")
+            if primary is not None and primary.state != "out":
+                primary.send(self.raw, self.expect, self, "primary")
+                return
+            if primary is not None:
+                pool.mark_dirty(primary, key)
+            self.primary_failed = "out"
+            if backup is None:
+                self.finish_error(primary, "out")
+        elif primary is not None and primary.serves_reads:
+            primary.send(self.raw, self.expect, self, "primary")
+        elif backup is not None:
+            backup.send(self.raw, self.expect, self, "read")
+        else:
+            self.finish_error(primary, "out")
+
+    def on_reply(self, backend, role, status, hits, raw):
+        if self.data is not None:
+            return
+        if role == "backup":                    # a write's copy
+            if self.primary_failed is not None:
+                self.done(status, raw, backend)
+            else:
+                self.backup_reply = (status, raw, backend)
+            return
+        if role == "primary" and status is None:
+            backup = self.pool.backup(self.key)
+            self.primary_failed = raw
+            if self.writes:
+                self.pool.mark_dirty(backend, self.key)
+                if self.backup_reply is not None:
+                    self.done(*self.backup_reply)
+                elif backup is None:
+                    self.finish_error(backend, raw)
+            elif backup is not None:
+                backup.send(self.raw, self.expect, self, "read")
+            else:
+                self.finish_error(backend, raw)
+            return
+        if role == "primary" and not self.writes and backend.warming and self.missed(raw):
+            backup = self.pool.backup(self.key)
+            if backup is not None:
+                backup.send(self.raw, self.expect, self, "read")
+                warm_copy(self.pool, backend, backup, self.key)
+                return
+        self.done(status, raw, backend)
+
+    def missed(self, raw):
+        """Is raw (the reply to this read) a miss?"""
+        return raw in (END, b"EN\r\n", b"MN\r\n", b"EN\r\nMN\r\n")
+
+    def done(self, status, raw, backend):
+        if status is None:
+            self.finish_error(backend, raw)
+            return
+        if self.quiet:
+            raw = raw[:-4]                       # the MN that only the proxy asked for
+        self.finish((self.render(status, raw),) if self.render else (raw,))
+
+    def finish_error(self, backend, reason):
+        line = server_error(backend, reason) if backend else b"SERVER_ERROR no server\r\n"
+        self.finish((self.render(line[:-2], None),) if self.render else (line,))
+
+
+class MultiSlot(Slot):
+    """get/gets/gat/gats of several keys: one request per primary, merged back in
+    the client's key order. A primary that fails (or is out) has its keys asked
+    of their backups, or answered as misses; a warming primary's misses are
+    asked of the backups too (and copied in)."""
+
+    __slots__ = ("pool", "command", "keys", "parts", "waiting", "found", "with_cas")
+
+    def __init__(self, conn, tokens, spec):
+        first = spec.key
+        super().__init__(conn, size=sum(map(len, tokens)))
+        self.pool = conn.pool
+        self.command = b" ".join(tokens[:first])      # get | gat <exptime>
+        self.keys = tokens[first:]
+        self.with_cas = tokens[0] in (b"gets", b"gats")
+        self.parts = []                  # [backend, keys, hits-by-key or None]
+        self.waiting = 0                 # parts and backup lookups still out
+        self.found = {}                  # key -> VALUE blocks found, in order
+
+    def start(self):
+        pool = self.pool
+        by_backend = {}
+        for key in self.keys:
+            primary = pool.primary(key)
+            reader = primary if primary is not None and primary.serves_reads else None
+            if reader is None:
+                reader = pool.backup(key)
+            part = by_backend.get(reader)
+            if part is None:
+                part = by_backend[reader] = [reader, []]
+                self.parts.append(part)
+            part[1].append(key)
+            if self.command.startswith(b"gat"):
+                backup = pool.backup(key)
+                if backup is not None and backup is not reader:
+                    backup.send(b"%s %s\r\n" % (self.command, key), REPLY_VALUES, self,
+                                "ignore")
+        for index, (backend, keys) in enumerate(self.parts):
+            self.waiting += 1
+            if backend is None:
+                self.on_reply(None, index, None, None, "out")
+            else:
+                backend.send(b"%s %s\r\n" % (self.command, b" ".join(keys)), REPLY_VALUES,
+                             self, index)
+
+    def on_reply(self, backend, role, status, hits, raw):
+        if role == "ignore":
+            return
+        if isinstance(role, tuple):            # a lookup of one key on a backup
+            self.warm_found(role[1], status, hits, raw)
+            return
+        keys = self.parts[role][1]
+        if status is None or status != b"END":
+            self.refetch(keys, role)
+        else:
+            got = set()
+            for key, flags, data, start, end in hits:
+                self.found.setdefault(key, []).append(raw[start:end])
+                got.add(key)
+            if backend.role == "primary" and backend.warming:
+                self.warm([k for k in keys if k not in got], backend)
+        self.part_done()
+
+    def refetch(self, keys, role):
+        """Keys whose server did not answer: ask their backups, one lookup each."""
+        for key in keys:
+            backup = self.pool.backup(key)
+            if backup is not None and self.parts[role][0] is not backup:
+                self.waiting += 1
+                backup.send(b"mg %s v f t c\r\n" % meta_key_args(key), REPLY_META, self,
+                            ("warm", key))
+
+    def warm(self, missed, primary):
+        for key in missed:
+            backup = self.pool.backup(key)
+            if backup is not None:
+                self.waiting += 1
+                backup.send(b"mg %s v f t c\r\n" % meta_key_args(key), REPLY_META, self,
+                            ("warm", key))
+                warm_copy(self.pool, primary, backup, key)
+
+    def warm_found(self, key, status, hits, raw):
+        if status == b"VA" and hits:
+            returned = meta_return_flags(raw)
+            data = hits[0][2]
+            head = b"VALUE %s %s %d" % (key, returned.get(b"f", b"0"), len(data))
+            self.found.setdefault(key, []).append(
+                head + (b" %s\r\n" % returned.get(b"c", b"0") if self.with_cas else CRLF)
+                + data + CRLF)
+        self.part_done()
+
+    def part_done(self):
+        self.waiting -= 1
+        if self.waiting:
+            return
+        out, taken = [], {}
+        for key in self.keys:
+            blocks = self.found.get(key)
+            i = taken.get(key, 0)
+            if blocks and i < len(blocks):
+                out.append(blocks[i])
+                taken[key] = i + 1
+        out.append(END)
+        self.finish(out)
+
+
+def meta_return_flags(raw):
+    """{flag letter: value} of the first line of a meta reply (VA 5 f3 t-1 -> f, t)."""
+    return {token[:1]: token[1:] for token in raw[:raw.find(b"\r\n")].split(b" ")[1:]
+            if token[:1].isalpha()}
+
+
+class BroadcastSlot(Slot):
+    """flush_all, verbosity, cache_memlimit: to every server (backups too); the
+    first server's reply, or the first error."""
+
+    __slots__ = ("raw", "waiting", "reply", "quiet")
+
+    def __init__(self, conn, raw, quiet):
+        super().__init__(conn, size=len(raw))
+        self.raw = raw
+        self.quiet = quiet
+        self.reply = None
+        self.waiting = 0
+
+    def start(self):
+        raw, quiet = self.raw, self.quiet
+        pool = self.conn.pool
+        backends = [b for b in pool.servers + pool.backups if b.state != "out"]
+        if raw.startswith(b"flush_all") and pool.backups:
+            for backend in pool.servers:      # out now: flushed when it is back
+                backend.overflow = backend.overflow or backend.state == "out"
+        self.waiting = len(backends)
+        if not backends:
+            self.finish((b"SERVER_ERROR no server\r\n",))
+        data = raw + b"mn\r\n" if quiet else raw
+        for backend in backends:
+            backend.send(data, REPLY_META_BATCH if quiet else REPLY_LINE, self)
+
+    def on_reply(self, backend, role, status, hits, raw):
+        if status is None:
+            raw = server_error(backend, raw)
+        elif self.quiet:
+            raw = raw[:-4]
+        if self.reply is None or (raw.startswith(ERROR_PREFIXES)
+                                  and not self.reply.startswith(ERROR_PREFIXES)):
+            self.reply = raw
+        self.waiting -= 1
+        if not self.waiting:
+            self.finish((self.reply,))
+
+
+class _Ignore:
+    """A slot for requests whose replies nobody reads (copies, deletes, flushes)."""
+
+    def __init__(self, then=None):
+        self.then = then
+
+    def on_reply(self, backend, role, status, hits, raw):
+        if self.then is not None:
+            self.then(status, hits, raw)
+
+
+def warm_copy(pool, primary, backup, key, mode=b"E", then=None):
+    """Copy key from backup to primary with its flags and remaining TTL: add (mode
+    E) keeps a newer value the primary got meanwhile. then(copied) after."""
+    def fetched(status, hits, raw):
+        if status == b"VA" and hits:
+            returned = meta_return_flags(raw)
+            ttl = int(returned.get(b"t", b"-1"))
+            data = hits[0][2]
+            primary.send(b"ms %s %d F%s T%d M%s\r\n%s\r\n" % (
+                meta_key_args(key), len(data), returned.get(b"f", b"0"),
+                0 if ttl < 0 else max(ttl, 1), mode, data), REPLY_META, _Ignore(
+                    None if then is None else lambda *reply: then(reply[0] is not None)))
+        elif then is not None:
+            then(status is not None)
+    backup.send(b"mg %s v f t\r\n" % meta_key_args(key), REPLY_META, _Ignore(fetched))
+
+
+class Sync:
+    """Bring a returning primary up to date: every key written while it was out
+    is deleted on it, then copied from its backup with add, SYNC_BATCH_KEYS at
+    a time (a write that lands meanwhile wins); a primary that missed more
+    than the dirty limit is flushed instead. Then it takes reads again."""
+
+    def __init__(self, pool, primary):
+        self.pool = pool
+        self.primary = primary
+        self.waiting = 0
+
+    def start(self):
+        primary = self.primary
+        if primary.overflow:
+            primary.send(b"flush_all\r\n", REPLY_LINE, _Ignore(self._flushed))
+        else:
+            self._next()
+
+    def _flushed(self, status, hits, raw):
+        if status != b"OK":
+            self.pool.take_out(self.primary, "flush_all failed while syncing")
+            return
+        self.primary.overflow = False
+        self.pool.readmit(self.primary)
+
+    def _next(self):
+        primary, pool = self.primary, self.pool
+        if primary.state != "syncing":
+            return
+        batch = [primary.dirty.pop() for _ in range(min(SYNC_BATCH_KEYS, len(primary.dirty)))]
+        if not batch:
+            pool.readmit(primary)
+            return
+        self.waiting = len(batch)
+        for key in batch:
+            backup = pool.backup(key)
+            primary.send(b"md %s\r\n" % meta_key_args(key), REPLY_META, _Ignore(
+                lambda status, hits, raw, key=key, backup=backup:
+                    self._deleted(key, backup, status)))
+
+    def _deleted(self, key, backup, status):
+        if status is None:
+            self._failed(key)
+            return
+        warm_copy(self.pool, self.primary, backup, key,
+                  then=lambda copied, key=key: self._copied(key, copied))
+
+    def _copied(self, key, copied):
+        if not copied:
+            self._failed(key)
+            return
+        self.waiting -= 1
+        if not self.waiting:
+            self._next()
+
+    def _failed(self, key):
+        self.primary.dirty.add(key)
+        if self.primary.state == "syncing":
+            self.pool.take_out(self.primary, "failed while syncing")
+
+
+class ProxyConnection(ProtocolConnection):
+    """A client of a pool: its requests framed, routed and answered in order."""
+
+    def __init__(self, pool, sock, addr):
+        super().__init__(pool.proxy, sock, addr)
+        self.pool = pool                 # where its requests go (the newest on reload)
+        self.slots = collections.deque()  # replies owed, in request order
+        self.in_flight = 0               # bytes of the requests they answer
+        self.ending = False              # quit (or HTTP close): read no more, close
+                                         # once the replies owed are sent
+
+    def process(self, buf, pos=0):
+        """Route the complete requests in buf[pos:], up to this pass's share;
+        return the offset of the rest."""
+        end = len(buf)
+        self.share = self.server.reqs_per_event
+        while pos < end and not self.done_reading:
+            if self.crowded():
+                return self._pause(pos)
+            self.share -= 1
+            if self.share < 0:
+                return self._yield(pos)
+            framed = frame_request(buf, pos)
+            if framed is None:
+                return self.line_incomplete(buf, pos)
+            spec, tokens, start, after, args = framed
+            if spec is HTTP_REQUEST:
+                return self._switch_to_http(buf, pos)
+            self.server.stats["requests"] += 1
+            if after > start:
+                resume = self._block(spec, tokens, args, buf, pos, after)
+                if resume is None:
+                    self.need = after - pos
+                    return pos
+                pos = resume
+                continue
+            self.route(spec, tokens, buf[pos:after])
+            pos = after
+        self.need = 0
+        return end if self.done_reading else pos
+
+    @property
+    def done_reading(self):
+        return self.closing or self.ending
+
+    def route(self, spec, tokens, raw):
+        """Send one framed request where it goes; its slot keeps its place."""
+        if spec is None:
+            self.answer(UNKNOWN.line)
+        elif spec.route == ROUTE_LOCAL:
+            self._local(spec, tokens)
+        elif spec.route == ROUTE_ALL:
+            self.start_slot(BroadcastSlot(self, raw, tokens[-1] == NOREPLY))
+        elif spec.route == ROUTE_KEYS and len(tokens) > spec.key + 1:
+            if max(map(len, tokens[spec.key:])) > KEY_MAX_LENGTH:
+                self.answer(BAD_FORMAT.line)   # memcached drops the whole multiget
+            else:
+                self.start_slot(MultiSlot(self, tokens, spec))
+        else:
+            key = tokens[spec.key] if len(tokens) > spec.key else b""
+            quiet = tokens[-1] == NOREPLY or (spec.reply == REPLY_META and b"q" in tokens[2:])
+            if spec.reply == REPLY_META and b"b" in tokens[2:]:
+                key = base64_key(key) or key
+            self.start_slot(KeySlot(self, key, raw, spec, quiet))
+
+    def answer(self, data, close=False):
+        """A reply the proxy gives itself, in its turn."""
+        self.slots.append(Slot(self, (data,), close))
+        self.slot_done()
+
+    def start_slot(self, slot):
+        self.slots.append(slot)
+        self.in_flight += slot.size
+        slot.start()
+
+    def slot_done(self):
+        """Send the replies that are ready, in order; go on parsing once the
+        requests in flight are few enough again."""
+        slots = self.slots
+        while slots and slots[0].data is not None:
+            slot = slots.popleft()
+            self.in_flight -= slot.size
+            if not self.closed:
+                self.writelines(slot.data)
+                if slot.close:
+                    self.close_when_sent()
+        if self.paused and not self.crowded() and not self.closed:
+            self.paused = False
+            self.loop.call_soon(self._release)
+
+    def crowded(self):
+        return (len(self.slots) >= PROXY_IN_FLIGHT_MAX or self.in_flight > PROXY_IN_FLIGHT_BYTES
+                or (len(self.outbuf) > self.check_at and self.backed_up()))
+
+    def close_when_sent(self):
+        self.ending = True
+        if self.slots:
+            self.slots[-1].close = True   # after the replies still owed
+        else:
+            super().close_when_sent()
+
+    def connection_lost(self):
+        self.pool.connections.discard(self)
+        super().connection_lost()
+
+    # -- HTTP: the serve port's HTTP, each request routed as one meta command ----
+
+    def http_request(self, request):
+        method, key = request.method, request.key
+        if method not in HTTP_METHODS:
+            return self._http_local(request, 405, extra=HTTP_ALLOW_ALL)
+        if key is None or len(key) > KEY_MAX_LENGTH:
+            return self._http_local(request, 400, detail=b"request target is not a path"
+                                    if key is None else b"key longer than 250 bytes")
+        if not key:
+            if method not in (b"GET", b"HEAD"):
+                return self._http_local(request, 405, extra=HTTP_ALLOW_ROOT)
+            stats = {name: _json_number(value) for name, value in self.server.general_stats()}
+            return self._http_local(request, 200, json.dumps(stats).encode() + b"\n",
+                                    b"application/json")
+        try:
+            line, render = http_as_meta(request)
+        except HttpError as err:
+            return self._http_local(request, err.status, detail=err.detail)
+        slot = KeySlot(self, key, line, COMMANDS[line[:2]], False, render)
+        slot.close = request.close
+        self.ending = request.close
+        self.start_slot(slot)
+
+    def http_error(self, status, detail):
+        self.answer(b"".join(http_response(HTTP_CLOSING, status, detail=detail)))
+
+    def http_emit(self, chunks):
+        self.answer(b"".join(chunks))
+
+    def _http_local(self, request, status, body=None, content_type=b"text/plain", extra=b"",
+                    detail=b""):
+        self.answer(b"".join(http_response(request, status, body, content_type, extra,
+                                           detail)), request.close)
+
+    # -- internals -----------------------------------------------------------
+
+    def _local(self, spec, tokens):
+        name = spec.name
+        if name == b"version":
+            self.answer(b"VERSION " + PROXY_VERSION + CRLF)
+        elif name == b"mn":
+            self.answer(b"MN\r\n")
+        elif name == b"quit":
+            self.ending = True
+            self.answer(b"", close=True)
+        elif name == b"stats":
+            try:
+                self.answer(stats_reply(tokens, self.server))
+            except ProtocolError as err:
+                self.answer(err.line)
+        else:
+            self.answer(b"ERROR: shutdown not enabled\r\n" if name == b"shutdown"
+                        else UNKNOWN.line)
+
+    def _block(self, spec, tokens, args, buf, pos, end):
+        """A request with a data block at buf[pos:end]: route it once it is all
+        in; refuse it (and swallow it) when it is too large or cannot be held.
+        Returns the offset to go on from, or None to wait for the rest."""
+        key = tokens[1]
+        nbytes = args[3] if spec.block == BLOCK_STORAGE else args
+        refusal = None
+        if not item_size_ok(key, args[1] if spec.block == BLOCK_STORAGE else 0, nbytes,
+                            self.server.item_size_max):
+            refusal = TOO_LARGE
+        elif end > len(buf) and self.reserved < nbytes and not self.server.reserve(self,
+                                                                                  nbytes):
+            refusal = NO_MEMORY
+        if refusal is not None:
+            if spec.name in (b"set", b"ms"):      # memcached unlinks the old value
+                self.pool.forget(key)
+            self.answer(b"" if tokens[-1] == NOREPLY else refusal.line)
+            return self._skip_block(buf, end)
+        if end > len(buf):
+            return None
+        self.server.release(self)
+        self.route(spec, tokens, buf[pos:end])
+        return end
+
+
+def http_as_meta(request):
+    """(meta command, render(status, raw) -> response bytes) for an HTTP request
+    on a proxy port: GET/HEAD -> mg, PUT/POST -> ms (X-TT-PDMODE 1 adds, 2
+    appends and creates; If-Match -> C), DELETE -> md. Raises HttpError 400
+    for a bad header value."""
+    method, key, headers = request.method, request.key, request.headers
+    args = meta_key_args(key)
+    condition = headers.get(b"if-match")
+    cas = b""
+    if condition is not None:
+        tags = [t.strip(b' \t"') for t in condition.split(b",")]
+        number = next((t for t in tags if t.isdigit()), None)
+        cas = b" C" + number if number else b""
+    if method in (b"GET", b"HEAD"):
+        def render(status, raw):
+            if raw is None or status != b"VA":
+                return http_render(request, status, raw, {b"EN": 404})
+            returned = meta_return_flags(raw)
+            ttl = int(returned.get(b"t", b"-1"))
+            exptime = 0 if ttl < 0 else int(now()) + ttl
+            return b"".join(http_response(
+                request, 200, raw[raw.find(b"\r\n") + 2:-2], b"application/octet-stream",
+                http_item_headers(int(returned.get(b"f", b"0")), exptime,
+                                  int(returned.get(b"c", b"0")))))
+        return b"mg %s v f t c\r\n" % args, render
+    if method == b"DELETE":
+        return b"md %s%s\r\n" % (args, cas), lambda status, raw: http_render(
+            request, status, raw, {b"HD": 200, b"NF": 412 if condition else 404, b"EX": 412})
+    flags = headers.get(b"x-memtool-flags", b"0")
+    exptime = headers.get(b"x-memtool-exptime", b"0")
+    mode = {None: b"", b"0": b"", b"1": b" ME", b"2": b" MA N0"}.get(
+        headers.get(b"x-tt-pdmode"), None)
+    if not flags.isdigit() or len(flags) > 10 or int(flags) > UINT32_MASK:
+        raise HttpError(400, b"bad X-Memtool-Flags")
+    if not HTTP_EXPTIME.match(exptime):
+        raise HttpError(400, b"bad X-Memtool-Exptime")
+    if mode is None:
+        raise HttpError(400, b"bad X-TT-PDMODE")
+    if cas and mode:
+        mode = b""
+    body = request.body
+
+    def render(status, raw):
+        if status == b"HD":
+            cas_unique = meta_return_flags(raw).get(b"c", b"0")
+            return b"".join(http_response(request, 201, extra=b'ETag: "%s"\r\n' % cas_unique))
+        return http_render(request, status, raw,
+                           {b"NS": 409 if mode == b" ME" else 413, b"EX": 412, b"NF": 412})
+    return (b"ms %s %d F%s T%s c%s%s\r\n%s\r\n" % (args, len(body), flags, exptime, cas, mode,
+                                                   body), render)
+
+
+def http_render(request, status, raw, statuses):
+    """The HTTP response for a meta reply status (bytes) through statuses; a
+    SERVER_ERROR is 502 (504 for a timeout), anything else 500."""
+    code = statuses.get(status)
+    if code is not None:
+        return b"".join(http_response(request, code))
+    detail = status or b""
+    if detail.startswith(b"SERVER_ERROR"):
+        code = 504 if b"timeout" in detail else 507 if b"out of space" in detail else 502
+    return b"".join(http_response(request, code or 500, detail=detail))
+
+
+class Proxy:
+    """`proxy`: pools on one EventLoop, built from load_pools()/flag_pool() configs.
+
+    path: the nutcracker.yml they came from (SIGHUP reads it again), or None.
+    item_size_max: bytes (-I), the largest item routed; dirty_limit: keys
+    remembered per primary that is out. Raises ConfigError for a server that
+    does not resolve, OSError for a listen address that cannot be bound.
+    """
+
+    def __init__(self, configs, path=None, item_size_max=ITEM_SIZE_MAX_DEFAULT,
+                 dirty_limit=DIRTY_LIMIT_DEFAULT, reqs_per_event=REQS_PER_EVENT_DEFAULT,
+                 http=True, http_origins=(), http_hosts=(), loop=None):
+        self.loop = loop or EventLoop()
+        self.path = path                 # the config file, for SIGHUP
+        self.item_size_max = item_size_max
+        self.dirty_limit = dirty_limit
+        self.reqs_per_event = reqs_per_event
+        self.http = http
+        self.http_origins = frozenset(o.encode() for o in http_origins)
+        self.extra_hosts = list(http_hosts)  # --http-host names
+        self.http_hosts = None           # Host names allowed (set per listener below)
+        self.stats = dict.fromkeys(PROXY_COUNTERS, 0)
+        self.held_bytes = 0              # incomplete requests held, all clients
+        self.started = now()
+        self.pools = {}                  # name -> Pool
+        self.apply(configs)
+
+    def run(self):
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads the configuration."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.loop.add_signal_handler(signum, self.loop.stop)
+            self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            self.loop.run()
+        finally:
+            self.close()
+
+    def apply(self, configs):
+        """Make the pools what configs say: servers kept where they did not change
+        (with their state), listeners kept where the address did not."""
+        old = self.pools
+        pools = {}
+        try:
+            for config in configs:
+                pools[config["name"]] = Pool(self, config, old.get(config["name"]))
+            for name, pool in pools.items():
+                previous = old.get(name)
+                if previous is not None and previous.config["listen"] == pool.config["listen"]:
+                    pool.listener, previous.listener = previous.listener, None
+                    pool.listener.factory = self._accepter(pool)
+                    pool.connections = previous.connections
+                    for conn in pool.connections:
+                        conn.pool = pool
+                else:
+                    pool.listener = Listener(self.loop, *pool.config["listen"],
+                                             self._accepter(pool), pool.config["backlog"])
+                    pool.connections = set()
+        except BaseException:
+            for name, pool in pools.items():
+                if old.get(name) is None or old[name].listener is not None:
+                    if pool.listener is not None and (name not in old or
+                                                      pool.listener is not old[name].listener):
+                        pool.listener.close()
+            raise
+        for name, pool in old.items():
+            if name not in pools:
+                pool.close()
+            elif pool.listener is not None:
+                pool.listener.close()
+        self.pools = pools
+        hosts = {"localhost", *self.extra_hosts}
+        for pool in pools.values():
+            host = pool.listener.address[0]
+            hosts |= {host, f"[{host}]"}
+        loopback = all(ipaddress.ip_address(p.listener.address[0]).is_loopback
+                       for p in pools.values())
+        self.http_hosts = (frozenset(h.lower().encode() for h in hosts)
+                           if loopback or self.extra_hosts else None)
+
+    def reload(self):
+        """SIGHUP: read the configuration again; keep the old one if it is bad."""
+        if self.path is None:
+            log.warning("SIGHUP: no configuration file to reload (flags were used)")
+            return
+        try:
+            with open(self.path) as f:
+                configs = load_pools(f.read(), self.path)
+            self.apply(configs)
+        except (ConfigError, OSError) as err:
+            log.error("reload of %s failed, keeping the running configuration: %s",
+                      self.path, err)
+            return
+        log.warning("reloaded %s: pools %s", self.path, ", ".join(self.pools))
+
+    def reserve(self, conn, nbytes):
+        more = nbytes - conn.reserved
+        if more > 0 and self.held_bytes + more > PROXY_HELD_BYTES:
+            return False
+        self.held_bytes += more
+        conn.reserved = nbytes
+        return True
+
+    def release(self, conn):
+        self.held_bytes -= conn.reserved
+        conn.reserved = 0
+
+    def settings(self):
+        """(name, value) pairs of `stats settings`."""
+        return [("item_size_max", self.item_size_max), ("reqs_per_event", self.reqs_per_event),
+                ("dirty_limit", self.dirty_limit), ("conf_file", self.path or "-"),
+                ("pools", " ".join(self.pools))]
+
+    def general_stats(self):
+        """(name, value) pairs of the proxy's `stats`: its own counters, then
+        <pool>:<server>:<field> per backend (state up/out/syncing/warming,
+        requests, errors, timeouts, ejections, dirty_keys, latency p50/p99 µs)."""
+        t = now()
+        times = os.times()
+        pairs = [("pid", os.getpid()), ("uptime", int(t - self.started)), ("time", int(t)),
+                 ("version", PROXY_VERSION.decode()), ("pointer_size", struct.calcsize("P") * 8),
+                 ("rusage_user", "%.6f" % times.user), ("rusage_system", "%.6f" % times.system),
+                 ("curr_connections", sum(len(p.connections) for p in self.pools.values()))]
+        pairs += [(name, self.stats[name]) for name in PROXY_COUNTERS]
+        for pool in self.pools.values():
+            pairs += pool.figures()
+        return pairs
+
+    def reset_stats(self):
+        for name in ("requests", "conn_yields", "store_no_memory"):
+            self.stats[name] = 0
+        for pool in self.pools.values():
+            for backend in pool.servers + pool.backups:
+                backend.requests = backend.errors = backend.timeouts = backend.ejections = 0
+                backend.latency = Histogram()
+
+    def close(self):
+        for pool in self.pools.values():
+            pool.close()
+            for conn in list(pool.connections):
+                conn.flush()
+                conn.close()
+        self.loop.close()
+
+    def _accepter(self, pool):
+        def accept(sock, addr):
+            self.stats["total_connections"] += 1
+            pool.connections.add(ProxyConnection(pool, sock, addr))
+        return accept
+
+
+def explain_key(configs, key):
+    """Lines that say where key goes in each pool: its hash value, the ring point
+    (or modula slot) it lands on, the server and the backup."""
+    lines = []
+    for config in configs:
+        ring = config_ring(config, config["servers"])
+        value = ring.key_hash(key)
+        server = config["servers"][ring.at(value)]
+        name = server_name(server["host"], server["port"], server["name"])
+        line = (f"pool {config['name']}: key {key!r} hash {config['hash']} {value}, "
+                f"{config['distribution']} point {ring.point(value)} -> "
+                f"{server['host']}:{server['port']} (ring name {name})")
+        if config["backups"]:
+            backup = config["backups"][config_ring(config, config["backups"]).index(key)]
+            line += f", backup {backup['host']}:{backup['port']}"
+        lines.append(line)
+    return lines
+
+
+def placement_diff(old_configs, new_configs, keys=100000):
+    """Lines that say which fraction of `keys` sample keys move from each server
+    to another, per pool present in both configurations."""
+    lines = []
+    new_by_name = {c["name"]: c for c in new_configs}
+    sample = [b"key:%d" % i for i in range(keys)]
+    for old in old_configs:
+        new = new_by_name.get(old["name"])
+        if new is None:
+            lines.append(f"pool {old['name']}: removed")
+            continue
+        moves = collections.Counter()
+        before, after = config_ring(old, old["servers"]), config_ring(new, new["servers"])
+        for key in sample:
+            a = old["servers"][before.index(key)]
+            b = new["servers"][after.index(key)]
+            moves[(f"{a['host']}:{a['port']}", f"{b['host']}:{b['port']}")] += 1
+        moved = sum(n for (a, b), n in moves.items() if a != b)
+        lines.append(f"pool {old['name']}: {moved / keys:.2%} of {keys} keys move")
+        for (a, b), n in sorted(moves.items(), key=lambda item: -item[1]):
+            if a != b:
+                lines.append(f"  {a} -> {b}: {n / keys:.2%}")
+    for name in new_by_name:
+        if name not in {c["name"] for c in old_configs}:
+            lines.append(f"pool {name}: new")
+    return lines
+
+
+# ===== 10. Bench =============================================================
 #
 # A load generator in the spirit of memtier_benchmark, for any server that
 # speaks the memcached text or meta protocol. Each process runs one
@@ -4678,70 +6104,6 @@ BENCH_ERROR_KINDS = ("server_error", "client_error", "error", "parse", "disconne
 SET_REPLIES = (b"STORED", b"NOT_STORED", b"EXISTS", b"NOT_FOUND", b"HD", b"NS", b"EX", b"NF")
 PREFILL_PIPELINE = 64
 VERIFY_BATCH_KEYS = 100
-
-
-class Histogram:
-    """Latency histogram in microseconds, log-linear like HdrHistogram.
-
-    Values below 256 µs are exact; above, each power of two is cut into 128
-    buckets, so a reported value is within 0.4 % of the true one (up to
-    60 s; longer values are clamped). Two histograms merge by adding counts.
-    """
-
-    SUB_BUCKETS = 128
-    MAX_US = 60 * 1000 * 1000
-    BUCKETS = 2 * SUB_BUCKETS + (MAX_US.bit_length() - 8) * SUB_BUCKETS
-
-    def __init__(self):
-        self.counts = [0] * self.BUCKETS   # samples per bucket
-        self.count = 0
-        self.total = 0.0     # sum of samples, µs
-        self.max = 0.0
-
-    def record(self, microseconds):
-        value = int(microseconds)
-        if value < 256:
-            index = value if value > 0 else 0
-        else:
-            if value > self.MAX_US:
-                value = self.MAX_US
-            shift = value.bit_length() - 8
-            index = 128 + shift * 128 + (value >> shift) - 128
-        self.counts[index] += 1
-        self.count += 1
-        self.total += microseconds
-        if microseconds > self.max:
-            self.max = microseconds
-
-    def merge(self, other):
-        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
-        self.count += other.count
-        self.total += other.total
-        self.max = max(self.max, other.max)
-        return self
-
-    @property
-    def mean(self):
-        return self.total / self.count if self.count else 0.0
-
-    def percentile(self, p):
-        """The value (µs) at or below which p percent (0..100) of the samples fall."""
-        if not self.count:
-            return 0.0
-        rank = max(1, -(-self.count * p // 100))
-        seen = 0
-        for index, n in enumerate(self.counts):
-            seen += n
-            if seen >= rank:
-                return min(self._midpoint(index), self.max)
-        return self.max
-
-    def _midpoint(self, index):
-        if index < 2 * self.SUB_BUCKETS:
-            return float(index)
-        shift = (index - 2 * self.SUB_BUCKETS) // self.SUB_BUCKETS + 1
-        low = ((index - 2 * self.SUB_BUCKETS) % self.SUB_BUCKETS + 128) << shift
-        return low + ((1 << shift) - 1) / 2
 
 
 class OpStats:
@@ -4992,7 +6354,7 @@ class BenchRun:
 
     def check(self, indexes, hits):
         """Compare the values a verify read got with what was written last."""
-        found = {key: data for key, flags, data in hits}
+        found = {hit[0]: hit[2] for hit in hits}
         for index in indexes:
             version, size = self.written[index]
             key = self.key(index)
@@ -5214,7 +6576,7 @@ def format_report(report):
     return "\n".join(lines)
 
 
-# ===== 10. CLI ===============================================================
+# ===== 11. CLI ===============================================================
 
 def _size_arg(text):
     try:
@@ -5344,6 +6706,60 @@ def build_parser():
         help="copy the data into a store of ENGINE and use that from now on")
     check_parser.set_defaults(func=_cmd_check)
 
+    proxy_parser = commands.add_parser(
+        "proxy", parents=[common], help="a twemproxy-compatible sharding proxy",
+        description="Shard keys over memcached-compatible servers as twemproxy (nutcracker) "
+                    "does, from an unmodified nutcracker.yml (-c) or from flags; backups "
+                    "and warm-up keep a server that returns from serving misses or stale "
+                    "values.")
+    add = proxy_parser.add_argument
+    add("-c", "--conf-file", metavar="FILE", help="a nutcracker.yml (pools, servers, ...)")
+    add("-t", "--test-conf", action="store_true",
+        help="check the configuration and exit 0 (ok) or 1, as nutcracker -t")
+    add("-l", "--listen", default=f"{DEFAULT_HOST}:22121", metavar="HOST:PORT",
+        help="without -c: where the pool listens (default %(default)s)")
+    add("-s", "--server", dest="servers", action="append", default=[], metavar="HOST:PORT[:W]",
+        help="without -c: a server of the pool, with its weight (default 1); repeatable")
+    add("--backup", dest="backups", action="append", default=[], metavar="HOST:PORT[:W]",
+        help="without -c: a backup server (every write goes to the key's backup too); "
+             "repeatable")
+    add("--hash", choices=list(HASHES), help="key hash (default fnv1a_64)")
+    add("--hash-tag", metavar="XY", help="hash only the part of a key between X and Y")
+    add("--distribution", choices=DISTRIBUTIONS, help="ketama (default), modula or random")
+    add("--timeout", type=_int_arg(1, 1 << 31), metavar="MS",
+        help="a request without a reply after this long fails (default none)")
+    add("--auto-eject-hosts", action="store_true", default=None,
+        help="take a failing server out of the ring (default off)")
+    add("--server-retry-timeout", type=_int_arg(1, 1 << 31), metavar="MS",
+        help="how long an ejected server stays out before it is probed (default 30000)")
+    add("--server-failure-limit", type=_int_arg(1, 1 << 31), metavar="N",
+        help="consecutive failures that eject a server (default 2)")
+    add("--server-connections", type=_int_arg(1, 1 << 16), metavar="N",
+        help="connections to each server, pipelined (default 1)")
+    add("--warmup", type=float, metavar="SECONDS",
+        help="with backups: for this long after a server returns, a miss is asked of the "
+             "backup and copied in (default 0)")
+    add("--dirty-limit", type=_int_arg(1, 1 << 40), default=DIRTY_LIMIT_DEFAULT, metavar="N",
+        help="keys remembered per server while it is out; past it, it is flushed when it "
+             "returns (default %(default)s)")
+    add("-I", "--max-item-size", type=_item_size_arg, default=ITEM_SIZE_MAX_DEFAULT,
+        metavar="SIZE", help="largest item routed, with k/m suffix (default 1m)")
+    add("-R", "--reqs-per-event", type=_int_arg(1, 1 << 20), default=REQS_PER_EVENT_DEFAULT,
+        metavar="N", help="requests a client gets per loop pass (default %(default)s)")
+    add("--no-http", dest="http", action="store_false", help="do not answer HTTP")
+    add("--http-allow-origin", action="append", default=[], metavar="ORIGIN",
+        help="a web origin whose pages may send requests (repeatable)")
+    add("--http-host", action="append", default=[], metavar="NAME",
+        help="a Host name allowed besides the listen address and localhost (repeatable)")
+    add("--explain", metavar="KEY",
+        help="print where KEY goes (pool, hash, ring point, server, backup) and exit")
+    add("--diff", nargs=2, metavar=("OLD.yml", "NEW.yml"),
+        help="print which fraction of keys move between two configurations, and exit")
+    add("--keys", type=_int_arg(1, 1 << 30), default=100000,
+        help="sample keys for --diff (default %(default)s)")
+    add("--pid", metavar="FILE", help="write the process id to FILE")
+    proxy_parser.set_defaults(func=_cmd_proxy)
+
     bench_parser = commands.add_parser(
         "bench", parents=[common], help="load-test any memcached-compatible server",
         description="Drive memcached-compatible servers with a set/get workload and report "
@@ -5416,6 +6832,58 @@ def _cmd_serve(args):
               f"engine), {items} items, {records} log records replayed in {seconds:.2f} s",
               flush=True)
         server.run()
+    finally:
+        if args.pid:
+            os.remove(args.pid)
+    return 0
+
+
+def _proxy_configs(args):
+    if args.conf_file:
+        with open(args.conf_file) as f:
+            return load_pools(f.read(), args.conf_file)
+    if not args.servers:
+        raise ConfigError("give -c FILE, or -s HOST:PORT (repeatable)")
+    listen = args.listen if ":" in args.listen else f"{DEFAULT_HOST}:{args.listen}"
+    return [flag_pool(listen, args.servers, args.backups, hash=args.hash,
+                      hash_tag=args.hash_tag, distribution=args.distribution,
+                      timeout=args.timeout, auto_eject_hosts=args.auto_eject_hosts,
+                      server_retry_timeout=args.server_retry_timeout,
+                      server_failure_limit=args.server_failure_limit,
+                      server_connections=args.server_connections, warmup=args.warmup)]
+
+
+def _cmd_proxy(args):
+    if args.diff:
+        old, new = [load_pools(open(path).read(), path) for path in args.diff]
+        print("\n".join(placement_diff(old, new, args.keys)))
+        return 0
+    try:
+        configs = _proxy_configs(args)
+    except ConfigError as err:
+        if args.test_conf:
+            print(f"memtool: {err}\nmemtool: configuration file '{args.conf_file}' syntax "
+                  f"is invalid", file=sys.stderr)
+            return 1
+        raise
+    if args.test_conf:
+        print(f"memtool: configuration file '{args.conf_file}' syntax is ok")
+        return 0
+    if args.explain is not None:
+        print("\n".join(explain_key(configs, args.explain.encode())))
+        return 0
+    if args.pid:
+        with open(args.pid, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    try:
+        proxy = Proxy(configs, args.conf_file, args.max_item_size, args.dirty_limit,
+                      args.reqs_per_event, args.http, args.http_allow_origin, args.http_host)
+        for pool in proxy.pools.values():
+            host, port = pool.listener.address
+            print(f"memtool {__version__}: proxy pool {pool.name} on {host}:{port}, "
+                  f"{len(pool.servers)} servers, {len(pool.backups)} backups, hash "
+                  f"{pool.config['hash']}, {pool.config['distribution']}", flush=True)
+        proxy.run()
     finally:
         if args.pid:
             os.remove(args.pid)

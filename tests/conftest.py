@@ -7,13 +7,24 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import (ENGINES, MEMCACHED_BIN, PERSISTENT_ENGINES, TARGET,  # noqa: E402
-                     MemcachedServer, make_server)
+from support import (ENGINES, MEMCACHED_BIN, PERSISTENT_ENGINES, PROXY_ENGINES,  # noqa: E402
+                     TARGET, MemcachedServer, make_server)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "memtool_only: needs memtool itself (skipped when "
                             "MEMTOOL_TEST_TARGET=memcached)")
+    config.addinivalue_line("markers", "proxied: the module's server fixtures also run "
+                            "through `memtool.py proxy` (in front of memtool and memcached)")
+    config.addinivalue_line("markers", "server_only: a server's own behaviour, not a "
+                            "proxy's (stats, -c, shutdown, ...): not run through the proxy")
+
+
+def pytest_generate_tests(metafunc):
+    if "engine" in metafunc.fixturenames:
+        proxied = metafunc.definition.get_closest_marker("proxied") and TARGET == "memtool"
+        metafunc.parametrize("engine", ENGINES + (PROXY_ENGINES if proxied else []),
+                             indirect=True, scope="module")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,6 +33,12 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if item.get_closest_marker("memtool_only"):
                 item.add_marker(skip)
+    skip_proxy = pytest.mark.skip(reason="a server's own behaviour, not a proxy's")
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec and str(callspec.params.get("engine", "")).startswith("proxy-") \
+                and item.get_closest_marker("server_only"):
+            item.add_marker(skip_proxy)
 
 
 def pytest_report_header(config):
@@ -29,8 +46,10 @@ def pytest_report_header(config):
         TARGET, ", ".join(ENGINES), MEMCACHED_BIN or "absent")
 
 
-@pytest.fixture(scope="module", params=ENGINES)
+@pytest.fixture(scope="module")
 def engine(request):
+    """The server kind under test: every engine (pytest_generate_tests), and the
+    proxied ones for modules marked `proxied`."""
     return request.param
 
 

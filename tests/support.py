@@ -226,9 +226,101 @@ class MemcachedServer(ServerProcess):
                 "-U", "0", "-m", "256", "-o", opts, *self.extra]
 
 
+class ProxiedServer:
+    """A memtool proxy on its own port in front of one backend server (memtool's
+    memory engine, or real memcached): the suites that check a server's bytes
+    run through it unchanged. Start/stop/restart act on both."""
+
+    label = "proxy"
+
+    def __init__(self, workdir, backend, extra=()):
+        self.workdir = Path(workdir)
+        self.backend = backend
+        self.proxy = ProxyProcess(self.workdir / "proxy", ["-s", "127.0.0.1:%d" % backend.port,
+                                                           *extra])
+        self.port = self.proxy.port
+        self.engine = "proxy-" + backend.engine
+
+    @property
+    def proc(self):
+        return self.proxy.proc
+
+    @property
+    def running(self):
+        return self.proxy.running and self.backend.running
+
+    def start(self):
+        self.backend.start()
+        self.proxy.start()
+        return self
+
+    def stop(self):
+        rc = self.proxy.stop()
+        self.backend.stop()
+        return rc
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def kill9(self):
+        self.proxy.kill9()
+        self.backend.kill9()
+
+    def close(self):
+        self.proxy.close()
+        self.backend.close()
+
+    def log_text(self):
+        return self.proxy.log_text() + self.backend.log_text()
+
+    def log_tail(self, n=3000):
+        return self.log_text()[-n:]
+
+    def session(self, timeout=IO_TIMEOUT):
+        return Session(self.port, timeout=timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ProxyProcess(ServerProcess):
+    """`memtool.py proxy` with flags (-l is the port; the rest as given)."""
+
+    label = "proxy"
+
+    def __init__(self, workdir, args, port=None):
+        super().__init__(workdir, port)
+        self.args = [str(a) for a in args]
+
+    def argv(self):
+        return [sys.executable, str(MEMTOOL), "proxy", "-l", "127.0.0.1:%d" % self.port,
+                *self.args]
+
+
+PROXY_ENGINES = ["proxy-memory"] + (["proxy-memcached"] if MEMCACHED_BIN else [])
+
+
 def make_server(workdir, engine, max_item_size=None, max_conns=None,
                 enable_shutdown=False, extra=()):
-    """An unstarted server for the current target with memtool-style options."""
+    """An unstarted server for the current target with memtool-style options.
+
+    engine "proxy-memory" / "proxy-memcached": a ProxiedServer in front of a
+    memtool memory-engine server / real memcached with those options.
+    """
+    if engine.startswith("proxy-"):
+        backend = make_server(Path(workdir) / "backend", engine[len("proxy-"):], max_item_size,
+                              max_conns, enable_shutdown, extra) \
+            if engine == "proxy-memory" else MemcachedServer(
+                Path(workdir) / "backend",
+                extra=["-I", str(parse_size(max_item_size))] if max_item_size else [],
+                lru_options=["slab_chunk_max=%d" % min(parse_size(max_item_size) // 2,
+                                                       512 * 1024)] if max_item_size else [])
+        proxy_args = ["-I", str(max_item_size)] if max_item_size else []
+        return ProxiedServer(workdir, backend, proxy_args)
     if TARGET == "memcached":
         args, lru = [], []
         if max_item_size is not None:

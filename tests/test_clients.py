@@ -4,6 +4,8 @@ import subprocess
 
 import pytest
 
+pytestmark = pytest.mark.proxied
+
 pymemcache = pytest.importorskip("pymemcache.client.base",
                                  reason="pymemcache not installed (pip install pymemcache)")
 
@@ -75,6 +77,7 @@ def test_pymemcache_touch_delete_flags_expire(client, kp):
     assert client.get(k) is None
 
 
+@pytest.mark.server_only
 def test_pymemcache_flush_stats_version(server, client, kp):
     k = kp.decode() + "k"
     client.set(k, b"v")

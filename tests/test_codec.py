@@ -86,8 +86,8 @@ def test_command_table():
 
 @pytest.mark.parametrize("reply,expect,result", [
     (b"STORED\r\n", memtool.REPLY_LINE, (8, b"STORED", [])),
-    (b"VALUE a 5 2\r\nhi\r\nEND\r\n", memtool.REPLY_VALUES, (22, b"END", [(b"a", 5, b"hi")])),
-    (b"VA 2 kx\r\nhi\r\n", memtool.REPLY_META, (13, b"VA", [(b"x", 0, b"hi")])),
+    (b"VALUE a 5 2\r\nhi\r\nEND\r\n", memtool.REPLY_VALUES, (22, b"END", [(b"a", 5, b"hi", 0, 17)])),
+    (b"VA 2 kx\r\nhi\r\n", memtool.REPLY_META, (13, b"VA", [(b"x", 0, b"hi", 0, 13)])),
     (b"SERVER_ERROR out of space\r\n", memtool.REPLY_VALUES,
      (27, b"SERVER_ERROR out of space", [])),
 ])

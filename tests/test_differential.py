@@ -9,6 +9,8 @@ import pytest
 
 from support import max_value_len
 
+pytestmark = pytest.mark.proxied
+
 VERSION_RE = re.compile(rb"VERSION 1\.6\.18[^\r\n]*\r\n")
 CAS_RE = re.compile(rb"(VALUE [^ \r\n]+ \d+ \d+ )(\d+)\r\n")
 

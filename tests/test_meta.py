@@ -15,6 +15,8 @@ import pytest
 from support import IO_TIMEOUT, max_value_len
 from test_differential import normalise
 
+pytestmark = pytest.mark.proxied
+
 CAS_TOKEN_RE = re.compile(rb"(?<= )(c|cas=)(\d+)(?=[ \r])")
 SECONDS_RE = re.compile(rb"(?<= )(t|l|exp=|la=)(-?\d+)(?=[ \r])")
 PLACEHOLDER_RE = re.compile(rb"\{cas(\d+)\}")
@@ -304,6 +306,7 @@ STATS_SECOND = (
 )
 
 
+@pytest.mark.server_only
 def test_stats_counters_move_like_memcached(memcached, server):
     """The counters meta commands move change by memcached's amounts."""
     def counters(srv):

@@ -11,6 +11,8 @@ import pytest
 from support import (DEFAULT_ITEM_MAX, STOP_TIMEOUT, MemtoolServer, max_value_len,
                      rss_peak_kib, wait_for)
 
+pytestmark = pytest.mark.proxied
+
 BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
 BAD_CHUNK = b"CLIENT_ERROR bad data chunk\r\n"
 TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
@@ -326,6 +328,7 @@ def test_shutdown_not_enabled(server, session):
     assert server.running
 
 
+@pytest.mark.server_only
 def test_shutdown_enabled(server_factory):
     srv = server_factory(enable_shutdown=True)
     with srv.session() as s:
@@ -754,6 +757,7 @@ def test_expiry_over_time(session, kp):
 
 # --------------------------------------------------------------------------- connections
 
+@pytest.mark.server_only
 def test_max_conns(server_factory):
     srv = server_factory(max_conns=3)
     first = srv.session()
@@ -797,6 +801,7 @@ REQUIRED_STATS = ("pid uptime time version curr_connections total_connections cm
                   "limit_maxbytes threads").split()
 
 
+@pytest.mark.server_only
 def test_stats_fields(server, session):
     st = session.stats()
     assert [f for f in REQUIRED_STATS if f not in st] == []
@@ -810,6 +815,7 @@ def test_stats_fields(server, session):
     session.call(b"stats reset\r\n", b"RESET\r\n")
 
 
+@pytest.mark.server_only
 def test_stats_counters_move(server_factory):
     srv = server_factory()
     s = srv.session()
