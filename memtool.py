@@ -3152,7 +3152,7 @@ HTTP_REASONS = {100: b"Continue", 200: b"OK", 201: b"Created", 400: b"Bad Reques
                 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
                 409: b"Conflict", 412: b"Precondition Failed", 413: b"Payload Too Large",
                 431: b"Request Header Fields Too Large", 501: b"Not Implemented",
-                502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+                500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
                 505: b"HTTP Version Not Supported",
                 507: b"Insufficient Storage"}
 HTTP_METHODS = (b"GET", b"HEAD", b"PUT", b"POST", b"DELETE")
@@ -4769,8 +4769,9 @@ class DataCheck:
 # read below) or command-line flags.
 
 PROXY_VERSION = MEMCACHED_VERSION + b"-memtool-proxy-" + __version__.encode()
-PROXY_IN_FLIGHT_MAX = 1024          # requests a client may have waiting; more pause it
+PROXY_IN_FLIGHT_MAX = 128           # requests a client may have waiting; more pause it
 PROXY_IN_FLIGHT_BYTES = 4 << 20     # ... or bytes of them
+PROXY_OWED_MAX = 16 << 20           # replies a client has not taken: past it, it is closed
 PROXY_HELD_BYTES = 64 << 20         # incomplete requests held, all clients
 PROBE_BACKOFF_MAX = 16              # a flapping server stays out up to this many retry times
 DIRTY_LIMIT_DEFAULT = 100000        # keys remembered per primary while it is out
@@ -5196,7 +5197,7 @@ class Pool:
 
     def forget(self, key):
         """Delete key on its primary and backup, reading no reply."""
-        line = b"md %s q\r\nmn\r\n" % meta_key_args(key)
+        line = b"md %s b q\r\nmn\r\n" % b64(key)
         for backend in (self.primary(key), self.backup(key)):
             if backend is not None and backend.state != "out":
                 backend.send(line, REPLY_META_BATCH, _Ignore())
@@ -5283,6 +5284,7 @@ class Slot:
 
     def finish(self, data):
         self.data = data
+        self.conn.owed += sum(map(len, data))
         self.conn.slot_done()
 
     def on_reply(self, backend, role, status, hits, raw):
@@ -5295,9 +5297,9 @@ def server_error(backend, reason):
                                           else reason, backend.label.encode())
 
 
-def meta_key_args(key):
-    """`<base64 key> b`: any key, as meta commands carry it safely."""
-    return binascii.b2a_base64(key, newline=False) + b" b"
+def b64(key):
+    """key in base64, as meta commands carry any key with their b flag."""
+    return binascii.b2a_base64(key, newline=False)
 
 
 class KeySlot(Slot):
@@ -5462,7 +5464,7 @@ class MultiSlot(Slot):
             backup = self.pool.backup(key)
             if backup is not None and self.parts[role][0] is not backup:
                 self.waiting += 1
-                backup.send(b"mg %s v f t c\r\n" % meta_key_args(key), REPLY_META, self,
+                backup.send(b"mg %s b v f t c\r\n" % b64(key), REPLY_META, self,
                             ("warm", key))
 
     def warm(self, missed, primary):
@@ -5470,7 +5472,7 @@ class MultiSlot(Slot):
             backup = self.pool.backup(key)
             if backup is not None:
                 self.waiting += 1
-                backup.send(b"mg %s v f t c\r\n" % meta_key_args(key), REPLY_META, self,
+                backup.send(b"mg %s b v f t c\r\n" % b64(key), REPLY_META, self,
                             ("warm", key))
                 warm_copy(self.pool, primary, backup, key)
 
@@ -5564,13 +5566,13 @@ def warm_copy(pool, primary, backup, key, mode=b"E", then=None):
             returned = meta_return_flags(raw)
             ttl = int(returned.get(b"t", b"-1"))
             data = hits[0][2]
-            primary.send(b"ms %s %d F%s T%d M%s\r\n%s\r\n" % (
-                meta_key_args(key), len(data), returned.get(b"f", b"0"),
+            primary.send(b"ms %s %d b F%s T%d M%s\r\n%s\r\n" % (
+                b64(key), len(data), returned.get(b"f", b"0"),
                 0 if ttl < 0 else max(ttl, 1), mode, data), REPLY_META, _Ignore(
                     None if then is None else lambda *reply: then(reply[0] is not None)))
         elif then is not None:
             then(status is not None)
-    backup.send(b"mg %s v f t\r\n" % meta_key_args(key), REPLY_META, _Ignore(fetched))
+    backup.send(b"mg %s b v f t\r\n" % b64(key), REPLY_META, _Ignore(fetched))
 
 
 class Sync:
@@ -5609,7 +5611,7 @@ class Sync:
         self.waiting = len(batch)
         for key in batch:
             backup = pool.backup(key)
-            primary.send(b"md %s\r\n" % meta_key_args(key), REPLY_META, _Ignore(
+            primary.send(b"md %s b\r\n" % b64(key), REPLY_META, _Ignore(
                 lambda status, hits, raw, key=key, backup=backup:
                     self._deleted(key, backup, status)))
 
@@ -5644,6 +5646,7 @@ class ProxyConnection(ProtocolConnection):
         self.in_flight = 0               # bytes of the requests they answer
         self.ending = False              # quit (or HTTP close): read no more, close
                                          # once the replies owed are sent
+        self.owed = 0                    # bytes of replies made for it, in all
 
     def process(self, buf, pos=0):
         """Route the complete requests in buf[pos:], up to this pass's share;
@@ -5702,6 +5705,7 @@ class ProxyConnection(ProtocolConnection):
     def answer(self, data, close=False):
         """A reply the proxy gives itself, in its turn."""
         self.slots.append(Slot(self, (data,), close))
+        self.owed += len(data)
         self.slot_done()
 
     def start_slot(self, slot):
@@ -5720,13 +5724,19 @@ class ProxyConnection(ProtocolConnection):
                 self.writelines(slot.data)
                 if slot.close:
                     self.close_when_sent()
+        held = self.owed - self.bytes_written     # replies not yet taken by the socket
+        if held > PROXY_OWED_MAX and not self.closed:
+            log.warning("%s: closing a client that does not read its replies (%d MB owed)",
+                        self.addr, held >> 20)
+            self.close()
+            return
         if self.paused and not self.crowded() and not self.closed:
             self.paused = False
             self.loop.call_soon(self._release)
 
     def crowded(self):
         return (len(self.slots) >= PROXY_IN_FLIGHT_MAX or self.in_flight > PROXY_IN_FLIGHT_BYTES
-                or (len(self.outbuf) > self.check_at and self.backed_up()))
+                or self.backed_up())
 
     def close_when_sent(self):
         self.ending = True
@@ -5825,7 +5835,7 @@ def http_as_meta(request):
     appends and creates; If-Match -> C), DELETE -> md. Raises HttpError 400
     for a bad header value."""
     method, key, headers = request.method, request.key, request.headers
-    args = meta_key_args(key)
+    args = b64(key)
     condition = headers.get(b"if-match")
     cas = b""
     if condition is not None:
@@ -5843,9 +5853,9 @@ def http_as_meta(request):
                 request, 200, raw[raw.find(b"\r\n") + 2:-2], b"application/octet-stream",
                 http_item_headers(int(returned.get(b"f", b"0")), exptime,
                                   int(returned.get(b"c", b"0")))))
-        return b"mg %s v f t c\r\n" % args, render
+        return b"mg %s b v f t c\r\n" % args, render
     if method == b"DELETE":
-        return b"md %s%s\r\n" % (args, cas), lambda status, raw: http_render(
+        return b"md %s b%s\r\n" % (args, cas), lambda status, raw: http_render(
             request, status, raw, {b"HD": 200, b"NF": 412 if condition else 404, b"EX": 412})
     flags = headers.get(b"x-memtool-flags", b"0")
     exptime = headers.get(b"x-memtool-exptime", b"0")
@@ -5862,19 +5872,19 @@ def http_as_meta(request):
     body = request.body
 
     def render(status, raw):
-        if status == b"HD":
+        if status[:2] == b"HD":
             cas_unique = meta_return_flags(raw).get(b"c", b"0")
             return b"".join(http_response(request, 201, extra=b'ETag: "%s"\r\n' % cas_unique))
         return http_render(request, status, raw,
                            {b"NS": 409 if mode == b" ME" else 413, b"EX": 412, b"NF": 412})
-    return (b"ms %s %d F%s T%s c%s%s\r\n%s\r\n" % (args, len(body), flags, exptime, cas, mode,
-                                                   body), render)
+    return (b"ms %s %d b F%s T%s c%s%s\r\n%s\r\n" % (args, len(body), flags, exptime, cas,
+                                                     mode, body), render)
 
 
 def http_render(request, status, raw, statuses):
     """The HTTP response for a meta reply status (bytes) through statuses; a
     SERVER_ERROR is 502 (504 for a timeout), anything else 500."""
-    code = statuses.get(status)
+    code = statuses.get(status[:2]) if raw is not None else None
     if code is not None:
         return b"".join(http_response(request, code))
     detail = status or b""
