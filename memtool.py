@@ -6,6 +6,7 @@ One file, standard library only, Python 3.9+. Copy it to a server and run:
     python3 memtool.py serve                      # 127.0.0.1:11211, data in ./memtool-data
     python3 memtool.py serve -p 11311 --data /var/lib/memtool --sync always
     python3 memtool.py check --data /var/lib/memtool [--fix]   # verify, repair (stopped)
+    python3 memtool.py proxy -c nutcracker.yml    # shard over servers as twemproxy does
 
 Any memcached client (pymemcache, libmemcached's memccp/memccat, telnet)
 talks to it; every change goes to an append-only update log (ulog) before it
