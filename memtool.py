@@ -83,6 +83,7 @@ import json
 import logging
 import multiprocessing
 import os
+import queue
 import random
 import re
 import resource
@@ -97,7 +98,6 @@ import threading
 import time
 import urllib.parse
 import zlib
-from queue import Empty
 
 __version__ = "0.1.0"
 
@@ -1256,6 +1256,7 @@ ENGINE_FILE = "ENGINE"                  # in the data directory: which engine wr
 MISSING = object()                      # undo record: pending had no entry for the key
 DAMAGED_KEYS_LOGGED = 100               # undecodable rows named in the log, then counted
 CHECKPOINT_RETRY_SECONDS = 1.0          # a checkpoint the engine refused is tried again
+EVICT_SECOND_CHANCES = 64               # recently fetched items passed over per eviction
 STORE_UNREADABLE = ServerError.refusal(b"cannot read the store")
 
 
@@ -1268,10 +1269,12 @@ class Item:
     `state` holds the STALE/KEY_BINARY/TOKEN_SENT bits. `atime` is the unix
     time of the last fetch, or minus the time it was stored while it has not
     been fetched: memcached's ITEM_FETCHED bit rides in the sign, so a get
-    pays one attribute store for both.
+    pays one attribute store for both. `placed` is when it last went to the
+    young end of the Store's cache (for CLOCK eviction).
     """
 
-    __slots__ = ("flags", "exptime", "cas", "rendered", "vstart", "size", "state", "atime")
+    __slots__ = ("flags", "exptime", "cas", "rendered", "vstart", "size", "state", "atime",
+                 "placed")
 
     def __init__(self, key, flags, exptime, cas, value, state=0):
         self.flags = flags
@@ -1279,6 +1282,7 @@ class Item:
         self.cas = cas
         self.state = state
         self.atime = 0
+        self.placed = 0.0
         self.rendered = b"VALUE %b %d %d\r\n%b\r\n" % (key, flags, len(value), value)
         self.vstart = len(self.rendered) - len(value) - 2
         self.size = len(key) + RECORD_HEADER.size + len(value)
@@ -1355,6 +1359,10 @@ class SqliteEngine:
                 self.db.execute("ROLLBACK")
             raise
 
+    def clone(self):
+        """Another connection to the same file, for the checkpoint writer thread."""
+        return SqliteEngine(self.path[:-len(".sqlite3")])
+
     def scan(self, after, limit, whole=False):
         """Up to `limit` (key, record header) pairs with key > after, in key order;
         with `whole`, (key, record) pairs."""
@@ -1404,6 +1412,11 @@ class DbmEngine:
     def size(self, key):
         value = self.db.get(key)
         return None if value is None else len(value)
+
+    @staticmethod
+    def clone():
+        """None: a dbm file is written from the loop's thread only."""
+        return None
 
     def write(self, puts, deletes):
         for key in deletes:
@@ -1531,6 +1544,50 @@ def prepare_data_dir(data_dir, engine):
         record_engine(data_dir, engine)
 
 
+class CheckpointWriter(threading.Thread):
+    """Writes checkpoints off the event loop, on a connection of its own, one at
+    a time: sqlite3 releases the GIL while SQLite works, and the records are
+    made row by row as SQLite asks for them, so the loop gets the GIL often.
+
+    submit(batch, meta) starts one: batch maps keys to Items (None: deleted),
+    meta is the meta record's bytes. `result` is None while it runs, then
+    (True, None) or (False, the engine's error).
+    """
+
+    def __init__(self, engine):
+        super().__init__(name="memtool-checkpoint", daemon=True)
+        self.engine = engine             # its own connection to the store
+        self.jobs = queue.Queue()        # (batch, meta), or None to stop
+        self.result = None               # the outcome of the last job, once done
+
+    def submit(self, batch, meta):
+        self.result = None
+        self.jobs.put((batch, meta))
+
+    def stop(self):
+        """Finish the job under way, then end."""
+        self.jobs.put(None)
+        self.join()
+        self.engine.close()
+
+    def run(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            batch, meta = job
+            puts = itertools.chain(((key, item.record()) for key, item in batch.items()
+                                    if item is not None), ((META_KEY, meta),))
+            try:
+                self.engine.write(puts, [key for key, item in batch.items() if item is None])
+                self.result = (True, None)
+            except self.engine.errors as err:
+                self.result = (False, err)
+            except Exception as err:         # a bug: say so, and keep the batch
+                log.exception("checkpoint writer: unexpected error")
+                self.result = (False, err)
+
+
 class Store:
     """Items with memcached semantics over an engine (None = memory only).
 
@@ -1556,6 +1613,9 @@ class Store:
         self.cache_bytes = 0                  # estimated memory of `cache`
         self.pending = {}                     # key -> Item, or None for a delete, not yet
                                               # written to the engine
+        self.writing = None                   # the batch the writer thread is writing
+        self.writing_position = None          # ... and the log position it covers
+        self.writer = None                    # the CheckpointWriter, see start_writer()
         self.checkpointed = now()             # when pending was last written
         self.now = now()                      # unix seconds, set by tick()
         self.get_expired = self.get_flushed = 0   # memcached counters (STORE_COUNTERS)
@@ -1596,13 +1656,11 @@ class Store:
             self._reap(key, item)
             return None
         if fetch:
-            self.cache.move_to_end(key)
             item.atime = self.now
         return item
 
     def fetched(self, key, item):
         """Count a read of an item looked up with get(fetch=False)."""
-        self.cache.move_to_end(key)
         item.atime = self.now
 
     # -- storage commands ----------------------------------------------------
@@ -1778,7 +1836,8 @@ class Store:
         self.sweep_after = rows[-1][0] if len(rows) == limit else b""
         reaped = 0
         for key, header in rows:
-            if len(key) > KEY_MAX_LENGTH or key in self.pending:
+            if len(key) > KEY_MAX_LENGTH or key in self.pending or (
+                    self.writing is not None and key in self.writing):
                 continue   # the meta record, or a key whose disk row is out of date
             try:
                 _, exptime, cas = RECORD_HEADER.unpack(header)
@@ -1792,10 +1851,18 @@ class Store:
         self.reclaimed += reaped
         return reaped
 
+    def start_writer(self):
+        """Write checkpoints from a thread of their own, if the engine can."""
+        engine = self.engine.clone() if self.engine is not None else None
+        if engine is not None:
+            self.writer = CheckpointWriter(engine)
+            self.writer.start()
+
     def commit(self, log_position=None, force=False):
         """End of a batch, which the log now holds: note how far the log goes;
         checkpoint when one is due."""
         self.undo = None
+        self._collect()
         if log_position is not None:
             self.log_position = log_position
         if self.checkpoint_error is not None and self.now < self.checkpointed:
@@ -1816,15 +1883,39 @@ class Store:
         if self.engine is None:
             self.meta_dirty = False
             return True
-        pending = self.pending
-        puts = [(key, item.record()) for key, item in pending.items() if item is not None]
-        meta = {"cas": self.last_cas, "flush_cas": self.flush_cas,
-                "flush_deadline": self.flush_deadline, "ulog": self.log_position,
-                "items": self.curr_items, "bytes": self.bytes}
-        puts.append((META_KEY, json.dumps(meta).encode()))
+        if self.writing is not None:
+            return True                       # one at a time: the next commit() goes on
+        batch, self.pending = self.pending, {}
+        self.meta_dirty = False
+        meta = json.dumps({"cas": self.last_cas, "flush_cas": self.flush_cas,
+                           "flush_deadline": self.flush_deadline, "ulog": self.log_position,
+                           "items": self.curr_items, "bytes": self.bytes}).encode()
+        self.writing, self.writing_position = batch, self.log_position
+        if self.writer is not None:
+            self.writer.submit(batch, meta)
+            return True
+        puts = [(key, item.record()) for key, item in batch.items() if item is not None]
+        puts.append((META_KEY, meta))
         try:
-            self.engine.write(puts, [key for key, item in pending.items() if item is None])
+            self.engine.write(puts, [key for key, item in batch.items() if item is None])
         except self.engine.errors as err:
+            return self._written(False, err)
+        return self._written(True, None)
+
+    def _collect(self):
+        """Take in what the writer thread finished, between batches."""
+        writer = self.writer
+        if writer is not None and self.writing is not None and writer.result is not None:
+            self._written(*writer.result)
+
+    def _written(self, done, err):
+        """A checkpoint ended: on failure its changes are pending again (behind any
+        newer ones) and the next try waits CHECKPOINT_RETRY_SECONDS."""
+        batch, self.writing = self.writing, None
+        if not done:
+            batch.update(self.pending)
+            self.pending = batch
+            self.meta_dirty = True
             if self.checkpoint_error is None:
                 log.error("store checkpoint failed: %s; the changes stay in memory and the "
                           "update log, retrying every %g s", err, CHECKPOINT_RETRY_SECONDS)
@@ -1834,9 +1925,7 @@ class Store:
         if self.checkpoint_error is not None:
             log.warning("store checkpoint succeeded again")
             self.checkpoint_error = None
-        self.pending = {}
-        self.meta_dirty = False
-        self.checkpoint_position = self.log_position
+        self.checkpoint_position = self.writing_position
         return True
 
     def rollback(self):
@@ -1858,6 +1947,7 @@ class Store:
         (self.curr_items, self.bytes, self.total_items, self.flush_cas,
          self.flush_deadline) = self.undo_counts
         self.undo = None
+        self._collect()
 
     def apply(self, op, key, flags, exptime, cas, value):
         """Apply one effect record (replay, replication); the inverse of journal."""
@@ -1890,6 +1980,10 @@ class Store:
         """Checkpoint and close the engine; False when the last checkpoint failed
         (the engine then still says how far the log is applied)."""
         done = True
+        if self.writer is not None:
+            self.writer.stop()
+            self._collect()
+            self.writer = None
         if self.engine is not None:
             done = self.checkpoint()
             self.engine.close()
@@ -1964,6 +2058,10 @@ class Store:
             return None
         if key in self.pending:
             item = self.pending[key]
+            if item is None:
+                return None
+        elif self.writing is not None and key in self.writing:
+            item = self.writing[key]
             if item is None:
                 return None
         else:
@@ -2057,6 +2155,8 @@ class Store:
         if item is None and self.engine is not None:
             if key in self.pending:
                 item = self.pending[key]
+            elif self.writing is not None and key in self.writing:
+                item = self.writing[key]
             else:
                 try:
                     size = self.engine.size(key)
@@ -2073,6 +2173,8 @@ class Store:
     def _cache_put(self, key, item):
         cache = self.cache
         old = cache.get(key)
+        if item:
+            item.placed = self.now
         if old is None:
             cache[key] = item
             self.cache_bytes += self._footprint(key, item)
@@ -2084,9 +2186,18 @@ class Store:
             self._evict()
 
     def _evict(self):
+        """Evict least recently placed items down to the limit; one fetched since it
+        was placed gets a second chance at the young end instead (CLOCK: a get
+        costs an attribute store, not an LRU move; memcached's ACTIVE flag)."""
         cache = self.cache
+        chances = EVICT_SECOND_CHANCES
         while self.cache_bytes > self.memory_limit and len(cache) > 1:
             victim_key, victim = cache.popitem(last=False)
+            if victim and victim.atime > victim.placed and chances:
+                chances -= 1
+                victim.placed = self.now
+                cache[victim_key] = victim
+                continue
             self.cache_bytes -= self._footprint(victim_key, victim)
             if self.engine is None:
                 self.curr_items -= 1
@@ -2612,7 +2723,10 @@ class EventLoop:
             for hook in self.ready_hooks:
                 self._call(hook)
             for key, mask in events:
-                self._call(key.data, mask)
+                try:
+                    key.data(mask)
+                except Exception:
+                    log.exception("unexpected error in %r; going on", key.data)
             for callback in callbacks:
                 self._call(callback)
             self._run_timers()
@@ -3164,7 +3278,7 @@ HTTP_EXPTIME = re.compile(rb"-?[0-9]{1,10}\Z")
 PDMODES = {None: b"S", b"0": b"S", b"1": b"E", b"2": b"A"}  # Tokyo Tyrant X-TT-PDMODE
 TEXT_KEY_UNSAFE = re.compile(rb"[\x00-\x20\x7f]")          # bytes a text-protocol key lacks
 SERVER_COUNTERS = (
-    "total_connections", "rejected_connections", "cmd_get", "cmd_set", "cmd_flush",
+    "total_connections", "rejected_connections", "cmd_set", "cmd_flush",
     "cmd_touch", "cmd_meta", "get_hits", "get_misses", "delete_misses", "delete_hits",
     "incr_misses", "incr_hits", "decr_misses", "decr_hits", "cas_misses", "cas_hits", "cas_badval",
     "touch_hits", "touch_misses", "store_too_large", "store_no_memory", "bytes_read",
@@ -3559,7 +3673,7 @@ class ServerConnection(ProtocolConnection):
         end = len(buf)
         handlers = HANDLERS
         outbuf, check_at = self.outbuf, self.check_at
-        self.share = self.server.reqs_per_event
+        share = self.server.reqs_per_event
         if self.continuation is not None:
             if self.backed_up():
                 return self._pause(pos)
@@ -3568,20 +3682,41 @@ class ServerConnection(ProtocolConnection):
             except ProtocolError as err:
                 self.continuation = None
                 self.write(err.line)
+        find, append, store_get = buf.find, outbuf.append, self.store.get
+        hits = misses = 0
         while pos < end and not self.closing:
             if len(outbuf) > check_at:
                 if self.backed_up():
-                    return self._pause(pos)
+                    pos = self._pause(pos)
+                    break
                 check_at = self.check_at
-            self.share -= 1
-            if self.share < 0:
-                return self._yield(pos)
+            share -= 1
+            if share < 0:
+                pos = self._yield(pos)
+                break
+            # `get <key>`, most of the traffic, without the general framing
+            if buf.startswith(b"get ", pos):
+                eol = find(b"\n", pos)
+                if eol > 0:
+                    key = buf[pos + 4:eol - 1 if buf[eol - 1] == 13 else eol]
+                    if 0 < len(key) <= KEY_MAX_LENGTH and b" " not in key and b"\0" not in key:
+                        item = store_get(key)
+                        if item is None:
+                            misses += 1
+                        else:
+                            hits += 1
+                            append(item.rendered)
+                        append(END)
+                        pos = eol + 1
+                        continue
             framed = frame_request(buf, pos)
             if framed is None:
-                return self.line_incomplete(buf, pos)
+                pos = self.line_incomplete(buf, pos)
+                break
             spec, tokens, start, after, args = framed
             if spec is HTTP_REQUEST:
-                return self._switch_to_http(buf, pos)
+                pos = self._switch_to_http(buf, pos)
+                break
             self.noreply = False
             try:
                 if spec is None:
@@ -3592,17 +3727,27 @@ class ServerConnection(ProtocolConnection):
                     after, value = self._data_block(spec, tokens, args, buf, start, after)
                     if after is None:
                         self.need = framed[3] - pos
-                        return pos
+                        break
                     if value is not None:
                         handlers[spec.name](self, tokens, args, value)
             except ProtocolError as err:
                 if not self.noreply:
                     self.write(err.line)
             pos = after
-        self.need = 0
-        if self.continuation is not None and not self.closing:
-            return self._yield(pos)
-        return end if self.closing else pos
+            if self.continuation is not None:
+                share = 0                      # a multiget took the rest of the share
+        else:
+            self.need = 0
+            if self.continuation is not None and not self.closing:
+                pos = self._yield(pos)
+            elif self.closing:
+                pos = end
+        stats = self.stats
+        stats["get_hits"] += hits
+        stats["get_misses"] += misses
+        if outbuf and not self.queued:
+            self._schedule()
+        return pos
 
     def refuse_batch(self, error):
         """The log could not take this pass's batch: answer with error (a
@@ -3628,18 +3773,18 @@ class ServerConnection(ProtocolConnection):
         if len(tokens) != 2:
             self._retrieve(tokens, 1, None, False)
             return
-        # The one-key get is most of the traffic: _retrieve without the loops.
-        key = tokens[1]
-        if len(key) > KEY_MAX_LENGTH:
+        if len(tokens[1]) > KEY_MAX_LENGTH:
             raise BAD_FORMAT
+        self.get_one(tokens[1])
+
+    def get_one(self, key):
+        """`get <key>`, most of the traffic: _retrieve without the loops."""
         item = self.store.get(key)
-        stats = self.stats
-        stats["cmd_get"] += 1
         if item is None:
-            stats["get_misses"] += 1
+            self.stats["get_misses"] += 1
             self.write(END)
         else:
-            stats["get_hits"] += 1
+            self.stats["get_hits"] += 1
             self.writelines((item.rendered, END))
 
     def cmd_gets(self, tokens):
@@ -3664,7 +3809,7 @@ class ServerConnection(ProtocolConnection):
         """VALUE blocks for keys[start:] as far as this pass's share goes (each
         MULTIGET_KEYS_PER_REQUEST keys count as a request) and OUTPUT_HIGH_WATER
         bytes of values; END after the last."""
-        last = min(len(keys), start + max(self.share, 1) * MULTIGET_KEYS_PER_REQUEST)
+        last = min(len(keys), start + self.server.reqs_per_event * MULTIGET_KEYS_PER_REQUEST)
         lookup = self.store.get if exptime is None else self.store.touch
         args = () if exptime is None else (exptime,)
         out = []
@@ -3682,17 +3827,14 @@ class ServerConnection(ProtocolConnection):
         looked_up = stop - start
         stats = self.stats
         if exptime is None:
-            stats["cmd_get"] += looked_up
             stats["get_hits"] += hits
             stats["get_misses"] += looked_up - hits
         else:
             stats["cmd_touch"] += looked_up
             stats["touch_hits"] += hits
             stats["touch_misses"] += looked_up - hits
-        self.share -= looked_up // MULTIGET_KEYS_PER_REQUEST
         if stop < len(keys):
             self.continuation = (keys, stop, exptime, with_cas)
-            self.share = 0
         else:
             self.continuation = None
             out.append(END)
@@ -3813,7 +3955,6 @@ class ServerConnection(ProtocolConnection):
             item = store.vivify(key)
             created = True
         if item is None:
-            stats["cmd_get"] += 1
             stats["get_misses"] += 1
             echo = meta_echo(flags, key, 98 in flags)      # its errors are never quiet
             if 113 not in flags:                             # q
@@ -3876,7 +4017,6 @@ class ServerConnection(ProtocolConnection):
             stats["cmd_touch"] += 1
             stats["touch_hits"] += 1
         else:
-            stats["cmd_get"] += 1
             stats["get_hits"] += 1
         if 117 not in flags:                                 # u: no LRU bump
             store.fetched(key, item)
@@ -4059,7 +4199,6 @@ class ServerConnection(ProtocolConnection):
 
     def _http_get(self, key):
         item = self.store.get(key)
-        self.stats["cmd_get"] += 1
         if item is None:
             self.stats["get_misses"] += 1
             return self._http_reply(404)
@@ -4363,6 +4502,7 @@ class Server:
             counters["bytes_written"] += conn.bytes_written
         store, listener = self.store, self.listener
         values = dict(counters, **{
+            "cmd_get": counters["get_hits"] + counters["get_misses"],     # always so
             "pid": os.getpid(), "uptime": int(t - self.started), "time": int(t),
             "version": VERSION_STRING.decode(),
             "libevent": type(self.loop.selector).__name__,
@@ -4530,6 +4670,7 @@ def serve(host=DEFAULT_HOST, port=DEFAULT_PORT, data_dir=DEFAULT_DATA_DIR, engin
     try:
         store = Store(open_engine(engine, data_dir), memory_limit_mb << 20, item_size_max)
         count = recover(store, ulog, data_dir) if ulog is not None else 0
+        store.start_writer()
     except BaseException:
         listener.close()
         if ulog is not None:
@@ -6462,7 +6603,7 @@ def run_workload(options):
         while len(results) < workers:
             try:
                 status, result = queue.get(timeout=1.0)
-            except Empty:
+            except queue.Empty:
                 if any(p.exitcode not in (None, 0) for p in processes):
                     raise MemtoolError("a bench process died; run with -v to see why")
                 for w in range(workers):
