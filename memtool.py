@@ -3682,6 +3682,8 @@ class ServerConnection(ProtocolConnection):
             except ProtocolError as err:
                 self.continuation = None
                 self.write(err.line)
+            if self.continuation is not None:
+                share = 0                      # the rest of it first, in the next pass
         find, append, store_get = buf.find, outbuf.append, self.store.get
         hits = misses = 0
         while pos < end and not self.closing:
