@@ -120,7 +120,9 @@ ITEM_HEADER_BYTES = 59              # memcached's per-item overhead counted agai
 VALUE_LENGTH_MAX = 2 ** 31 - 3      # memcached refuses vlen > INT_MAX - 2
 REALTIME_MAXDELTA = 30 * 24 * 3600  # exptime above this is a unix time, not seconds
 MAX_CONNS_DEFAULT = 1024            # -c
-MEMORY_LIMIT_MB_DEFAULT = 64        # -m: memory engine limit / disk engines' read cache
+MEMORY_LIMIT_MB_DEFAULT = 64        # -m: the memory engine's items (memcached's default)
+READ_CACHE_MB_DEFAULT = 256         # -m of disk engines: their read cache, sized to hold a
+                                    # working set of 100,000 1 KiB items
 ULOG_LIMIT_DEFAULT = 64 << 20       # --ulog-limit: rotate the update log at this size
 ULOG_LIMIT_MIN = 64 << 10           # ... and at least this
 ULOG_KEEP_DEFAULT = 4               # rotated ulog files kept for recovery and peers
@@ -1245,7 +1247,9 @@ RECORD_HEADER = struct.Struct("<IqQ")   # flags, exptime, cas unique: before the
 RECORD_STATE_SHIFT = 62                 # the stored cas field's top bits hold PERSISTED_STATE:
 RECORD_CAS_MASK = (1 << RECORD_STATE_SHIFT) - 1   # cas uniques never get near 2**62
 META_KEY = b"memtool:meta:" + b"." * KEY_MAX_LENGTH  # longer than any client key
-CACHE_ITEM_OVERHEAD = 120               # rough bytes of Python objects per cached item
+CACHE_ITEM_OVERHEAD = 320               # bytes of Python objects per cached item beyond its
+                                        # key and reply bytes (measured: 474 per 100-byte item)
+CACHE_ABSENT_OVERHEAD = 150             # ... per remembered miss, beyond its key
 ABSENT = False                          # cache entry: the engine has no such key
 CHECKPOINT_SECONDS = 0.1                # write changes to the engine at least this often
 CHECKPOINT_ITEMS = 10000                # ... or once this many keys changed
@@ -1256,6 +1260,9 @@ ENGINE_FILE = "ENGINE"                  # in the data directory: which engine wr
 MISSING = object()                      # undo record: pending had no entry for the key
 DAMAGED_KEYS_LOGGED = 100               # undecodable rows named in the log, then counted
 CHECKPOINT_RETRY_SECONDS = 1.0          # a checkpoint the engine refused is tried again
+SQLITE_CACHE_MIN_BYTES = 2 << 20        # SQLite's page cache per connection: its default,
+SQLITE_CACHE_SHARE = 8                  # or 1/8 of -m when that is more
+SQLITE_IN_KEYS = 500                    # keys per `IN (...)` query
 EVICT_SECOND_CHANCES = 64               # recently fetched items passed over per eviction
 STORE_UNREADABLE = ServerError.refusal(b"cannot read the store")
 
@@ -1304,9 +1311,10 @@ class Item:
     def record(self):
         """The bytes stored on disk: RECORD_HEADER, with the state in the cas field's
         top bits, then the data."""
-        return RECORD_HEADER.pack(
+        return b"".join((RECORD_HEADER.pack(
             self.flags, self.exptime,
-            self.cas | (self.state & PERSISTED_STATE) << RECORD_STATE_SHIFT) + self.value
+            self.cas | (self.state & PERSISTED_STATE) << RECORD_STATE_SHIFT),
+            memoryview(self.rendered)[self.vstart:-2]))
 
     @classmethod
     def from_record(cls, key, record):
@@ -1324,11 +1332,13 @@ class SqliteEngine:
 
     errors = (OSError, sqlite3.Error)    # what its calls raise when the file fails
 
-    def __init__(self, path):
+    def __init__(self, path, cache_bytes=SQLITE_CACHE_MIN_BYTES):
         self.path = path + ".sqlite3"
+        self.cache_bytes = cache_bytes       # SQLite's page cache for this connection
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode = wal")
         self.db.execute("PRAGMA synchronous = NORMAL")
+        self.db.execute("PRAGMA cache_size = -%d" % (cache_bytes >> 10))
         self.db.execute("CREATE TABLE IF NOT EXISTS Dict ("
                         "key BLOB UNIQUE NOT NULL, value BLOB NOT NULL)")
         if not os.access(self.path, os.W_OK):   # say so now, not at the first checkpoint
@@ -1351,17 +1361,29 @@ class SqliteEngine:
             self.db.execute("BEGIN")
             self.db.executemany("DELETE FROM Dict WHERE key = CAST(? AS BLOB)",
                                 [(key,) for key in deletes])
-            self.db.executemany("REPLACE INTO Dict (key, value) VALUES "
-                                "(CAST(? AS BLOB), CAST(? AS BLOB))", puts)
+            # an upsert updates a row in place, where REPLACE deletes and inserts it
+            self.db.executemany("INSERT INTO Dict (key, value) VALUES (CAST(? AS BLOB), "
+                                "CAST(? AS BLOB)) ON CONFLICT (key) DO UPDATE SET "
+                                "value = excluded.value", puts)
             self.db.execute("COMMIT")
         except sqlite3.Error:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             raise
 
+    def sizes(self, keys):
+        """{key: length of its value} for those of keys the store has."""
+        found, keys = {}, list(keys)
+        for i in range(0, len(keys), SQLITE_IN_KEYS):
+            chunk = keys[i:i + SQLITE_IN_KEYS]
+            found.update(self.db.execute(
+                "SELECT key, length(value) FROM Dict WHERE key IN (%s)"
+                % ",".join(["CAST(? AS BLOB)"] * len(chunk)), chunk))
+        return found
+
     def clone(self):
         """Another connection to the same file, for the checkpoint writer thread."""
-        return SqliteEngine(self.path[:-len(".sqlite3")])
+        return SqliteEngine(self.path[:-len(".sqlite3")], self.cache_bytes)
 
     def scan(self, after, limit, whole=False):
         """Up to `limit` (key, record header) pairs with key > after, in key order;
@@ -1412,6 +1434,14 @@ class DbmEngine:
     def size(self, key):
         value = self.db.get(key)
         return None if value is None else len(value)
+
+    def sizes(self, keys):
+        found = {}
+        for key in keys:
+            value = self.db.get(key)
+            if value is not None:
+                found[key] = len(value)
+        return found
 
     @staticmethod
     def clone():
@@ -1466,8 +1496,9 @@ def available_engines():
     return names
 
 
-def open_engine(name, data_dir):
-    """The engine called `name` (one of ENGINES) storing under data_dir/store.*.
+def open_engine(name, data_dir, memory_limit=0):
+    """The engine called `name` (one of ENGINES) storing under data_dir/store.*;
+    memory_limit (bytes, -m) sizes SQLite's page cache.
 
     Returns None for 'memory'. Raises ConfigError when the dbm module behind
     the name is missing from this Python (naming the engines that are
@@ -1477,7 +1508,10 @@ def open_engine(name, data_dir):
         return None
     base = os.path.join(data_dir, "store")
     try:
-        return SqliteEngine(base) if name == "sqlite" else DbmEngine(base, name)
+        if name == "sqlite":
+            return SqliteEngine(base, max(SQLITE_CACHE_MIN_BYTES,
+                                          memory_limit // SQLITE_CACHE_SHARE))
+        return DbmEngine(base, name)
     except ImportError:
         raise ConfigError(f"engine {name!r} needs dbm.{name}, which this Python lacks; "
                           f"available engines: {', '.join(available_engines())}") from None
@@ -1549,20 +1583,19 @@ class CheckpointWriter(threading.Thread):
     a time: sqlite3 releases the GIL while SQLite works, and the records are
     made row by row as SQLite asks for them, so the loop gets the GIL often.
 
-    submit(batch, meta) starts one: batch maps keys to Items (None: deleted),
-    meta is the meta record's bytes. `result` is None while it runs, then
-    (True, None) or (False, the engine's error).
+    submit(batch, unknown, meta) starts one (see write_checkpoint). `result`
+    is None while it runs, then write_checkpoint's (done, error, corrections).
     """
 
     def __init__(self, engine):
         super().__init__(name="memtool-checkpoint", daemon=True)
         self.engine = engine             # its own connection to the store
-        self.jobs = queue.Queue()        # (batch, meta), or None to stop
+        self.jobs = queue.Queue()        # (batch, unknown, meta), or None to stop
         self.result = None               # the outcome of the last job, once done
 
-    def submit(self, batch, meta):
+    def submit(self, batch, unknown, meta):
         self.result = None
-        self.jobs.put((batch, meta))
+        self.jobs.put((batch, unknown, meta))
 
     def stop(self):
         """Finish the job under way, then end."""
@@ -1575,17 +1608,31 @@ class CheckpointWriter(threading.Thread):
             job = self.jobs.get()
             if job is None:
                 return
-            batch, meta = job
-            puts = itertools.chain(((key, item.record()) for key, item in batch.items()
-                                    if item is not None), ((META_KEY, meta),))
             try:
-                self.engine.write(puts, [key for key, item in batch.items() if item is None])
-                self.result = (True, None)
-            except self.engine.errors as err:
-                self.result = (False, err)
+                self.result = write_checkpoint(self.engine, *job)
             except Exception as err:         # a bug: say so, and keep the batch
                 log.exception("checkpoint writer: unexpected error")
-                self.result = (False, err)
+                self.result = (False, err, (0, 0))
+
+
+def write_checkpoint(engine, batch, unknown, meta):
+    """Write batch (key -> Item, None: deleted) and the meta record in one engine
+    transaction. unknown: keys written blind, counted as new items in meta
+    (dict): those the engine has are counted out again. Returns (done, the
+    engine's error or None, (items, bytes) corrections for the counts)."""
+    try:
+        found = engine.sizes(unknown) if unknown else {}
+        corrections = (-len(found), -sum(len(key) + n for key, n in found.items()))
+        meta = dict(meta, items=meta["items"] + corrections[0],
+                    bytes=meta["bytes"] + corrections[1])
+        # in key order: neighbouring rows share B-tree pages (about 1.5x faster)
+        puts = itertools.chain(((key, item.record()) for key, item in sorted(batch.items())
+                                if item is not None),
+                               ((META_KEY, json.dumps(meta).encode()),))
+        engine.write(puts, [key for key, item in batch.items() if item is None])
+    except engine.errors as err:
+        return False, err, (0, 0)
+    return True, None, corrections
 
 
 class Store:
@@ -1615,6 +1662,9 @@ class Store:
                                               # written to the engine
         self.writing = None                   # the batch the writer thread is writing
         self.writing_position = None          # ... and the log position it covers
+        self.writing_unknown = None           # ... and its keys of unknown earlier presence
+        self.unknown = set()                  # keys written blind (set): counted as new
+                                              # items, their checkpoint corrects the counts
         self.writer = None                    # the CheckpointWriter, see start_writer()
         self.checkpointed = now()             # when pending was last written
         self.now = now()                      # unix seconds, set by tick()
@@ -1623,7 +1673,8 @@ class Store:
         self.expired_unfetched = self.evicted_unfetched = 0
         self.curr_items = self.bytes = 0      # items on disk (or held) and their bytes
         self.undo = None                      # while a batch is open: key -> (pending entry
-                                              # or MISSING, its exptime) before it changed
+                                              # or MISSING, its exptime, key in unknown)
+                                              # before it changed
         self.undo_counts = None               # ... and the counters and flush state before
         self.damaged = set()                  # keys whose engine rows do not decode
         self.checkpoint_error = None          # why the last checkpoint failed, or None
@@ -1669,8 +1720,7 @@ class Store:
     # command and skips store()'s lookup of the old item; the rest are its modes.
 
     def set(self, key, flags, exptime, value):
-        self._write(key, flags, self.absolute(exptime) if exptime else 0, value,
-                    self._present_size(key))
+        self._write_blind(key, flags, self.absolute(exptime) if exptime else 0, value)
         return ST_STORED
 
     def add(self, key, flags, exptime, value):
@@ -1886,21 +1936,17 @@ class Store:
         if self.writing is not None:
             return True                       # one at a time: the next commit() goes on
         batch, self.pending = self.pending, {}
+        unknown, self.unknown = self.unknown, set()
         self.meta_dirty = False
-        meta = json.dumps({"cas": self.last_cas, "flush_cas": self.flush_cas,
-                           "flush_deadline": self.flush_deadline, "ulog": self.log_position,
-                           "items": self.curr_items, "bytes": self.bytes}).encode()
+        meta = {"cas": self.last_cas, "flush_cas": self.flush_cas,
+                "flush_deadline": self.flush_deadline, "ulog": self.log_position,
+                "items": self.curr_items, "bytes": self.bytes}
         self.writing, self.writing_position = batch, self.log_position
+        self.writing_unknown = unknown
         if self.writer is not None:
-            self.writer.submit(batch, meta)
+            self.writer.submit(batch, unknown, meta)
             return True
-        puts = [(key, item.record()) for key, item in batch.items() if item is not None]
-        puts.append((META_KEY, meta))
-        try:
-            self.engine.write(puts, [key for key, item in batch.items() if item is None])
-        except self.engine.errors as err:
-            return self._written(False, err)
-        return self._written(True, None)
+        return self._written(*write_checkpoint(self.engine, batch, unknown, meta))
 
     def _collect(self):
         """Take in what the writer thread finished, between batches."""
@@ -1908,13 +1954,16 @@ class Store:
         if writer is not None and self.writing is not None and writer.result is not None:
             self._written(*writer.result)
 
-    def _written(self, done, err):
-        """A checkpoint ended: on failure its changes are pending again (behind any
-        newer ones) and the next try waits CHECKPOINT_RETRY_SECONDS."""
+    def _written(self, done, err, corrections=(0, 0)):
+        """A checkpoint ended: the counts take its corrections (keys written blind
+        that the engine had); on failure its changes are pending again (behind
+        any newer ones) and the next try waits CHECKPOINT_RETRY_SECONDS."""
         batch, self.writing = self.writing, None
+        unknown, self.writing_unknown = self.writing_unknown, None
         if not done:
             batch.update(self.pending)
             self.pending = batch
+            self.unknown |= unknown
             self.meta_dirty = True
             if self.checkpoint_error is None:
                 log.error("store checkpoint failed: %s; the changes stay in memory and the "
@@ -1925,6 +1974,8 @@ class Store:
         if self.checkpoint_error is not None:
             log.warning("store checkpoint succeeded again")
             self.checkpoint_error = None
+        self.curr_items += corrections[0]
+        self.bytes += corrections[1]
         self.checkpoint_position = self.writing_position
         return True
 
@@ -1934,7 +1985,9 @@ class Store:
         to what they were; cas uniques handed out meanwhile stay used."""
         if self.undo is None:
             return
-        for key, (prior, exptime) in self.undo.items():
+        for key, (prior, exptime, unknown) in self.undo.items():
+            if not unknown:
+                self.unknown.discard(key)
             if prior is MISSING:
                 self.pending.pop(key, None)
             else:
@@ -1955,7 +2008,7 @@ class Store:
             self.last_cas = cas
         state, op = op >> 4, op & 0x0F
         if op == OP_SET:
-            self._write(key, flags, exptime, value, self._present_size(key), cas, state)
+            self._write_blind(key, flags, exptime, value, cas, state)
         elif op == OP_DELETE:
             size = self._present_size(key)
             if size is not None:
@@ -2022,7 +2075,8 @@ class Store:
                                 self.flush_cas, self.flush_deadline)
         if key not in undo:
             prior = self.pending.get(key, MISSING)
-            undo[key] = (prior, prior.exptime if prior.__class__ is Item else 0)
+            undo[key] = (prior, prior.exptime if prior.__class__ is Item else 0,
+                         key in self.unknown)
 
     def _decode(self, key, record):
         """The Item of an engine row, or None (logged once) when it does not decode."""
@@ -2149,14 +2203,27 @@ class Store:
         self.curr_items -= 1
         self.bytes -= size
 
-    def _present_size(self, key):
-        """Size of whatever is stored under key, live or not; None when nothing is."""
+    def _write_blind(self, key, flags, exptime, value, cas=None, state=0):
+        """_write() without reading the engine: a key only the engine could know of
+        counts as new, and the checkpoint that writes it corrects the counts."""
+        old_size = self._present_size(key, False)
+        _write = self._write(key, flags, exptime, value,
+                             None if old_size is MISSING else old_size, cas, state)
+        if old_size is MISSING:
+            self.unknown.add(key)
+        return _write
+
+    def _present_size(self, key, ask_engine=True):
+        """Size of whatever is stored under key, live or not; None when nothing is;
+        MISSING when only the engine knows and ask_engine is false."""
         item = self.cache.get(key)
         if item is None and self.engine is not None:
             if key in self.pending:
                 item = self.pending[key]
             elif self.writing is not None and key in self.writing:
                 item = self.writing[key]
+            elif not ask_engine:
+                return MISSING
             else:
                 try:
                     size = self.engine.size(key)
@@ -2168,7 +2235,10 @@ class Store:
 
     @staticmethod
     def _footprint(key, item):
-        return CACHE_ITEM_OVERHEAD + (item.size if item else len(key))
+        """Memory a cache entry takes, so that -m bounds the process."""
+        if item:
+            return CACHE_ITEM_OVERHEAD + len(key) + len(item.rendered)
+        return CACHE_ABSENT_OVERHEAD + len(key)
 
     def _cache_put(self, key, item):
         cache = self.cache
@@ -2479,10 +2549,9 @@ class UpdateLog:
         if ts <= self.last_ts:
             ts = self.last_ts + 1
         self.last_ts = ts
-        body = b"".join((ULOG_BODY.pack(ts, self.sid, op, flags, exptime, cas, len(key)),
-                         key, value))
-        self.pending.append(ULOG_FRAME.pack(ULOG_MAGIC, len(body), zlib.crc32(body)))
-        self.pending.append(body)
+        head = ULOG_BODY.pack(ts, self.sid, op, flags, exptime, cas, len(key)) + key
+        crc = zlib.crc32(value, zlib.crc32(head))     # the body is never joined here
+        self.pending += (ULOG_FRAME.pack(ULOG_MAGIC, len(head) + len(value), crc), head, value)
 
     def flush(self):
         """Write the batch with one write(); fsync under --sync always; rotate.
@@ -3656,12 +3725,19 @@ class ServerConnection(ProtocolConnection):
         self.http_req = None         # the HTTP request being answered
 
     def parse(self, data, start):
+        """process(), noting when its replies depend on the batch the log has yet
+        to take: from the start of this read if it wrote or the batch was open
+        (what it reads may be undone)."""
         server = self.server
-        server.current = self
-        if server.store.undo is not None and self.batch_start < 0:
-            server.track_batch(self)     # what it reads may be undone with the batch
+        if self.batch_start >= 0 or server.ulog is None:
+            return self.process(data, start)
+        first = len(self.outbuf)
+        if server.store.undo is not None:
+            server.track_batch(self, first)
+            return self.process(data, start)
         pos = self.process(data, start)
-        server.current = None
+        if server.store.undo is not None:
+            server.track_batch(self, first)
         return pos
 
     def more_to_do(self):
@@ -4430,7 +4506,6 @@ class Server:
         self.extra_settings = settings or {}  # shown by `stats settings`
         self.stats = dict.fromkeys(SERVER_COUNTERS, 0)
         self.connections = set()             # open ServerConnections
-        self.current = None                  # the connection being handled, if any
         self.batch_conns = []                # connections whose replies wait on the batch
         self.held_bytes = 0                  # incomplete input held, all clients
         self.recovered = (0, 0, 0.0)         # (records replayed, items, seconds) at start
@@ -4440,7 +4515,7 @@ class Server:
         self.address = listener.address
         listener.factory = self._accept
         if ulog is not None:
-            store.journal = self._journal
+            store.journal = ulog.append
         self.loop.ready_hooks.append(self._tick)
         self.loop.pass_hooks.append(self._group_commit)
         self.loop.call_every(SWEEP_INTERVAL_SECONDS, self._sweep)
@@ -4552,18 +4627,11 @@ class Server:
         self.stats["total_connections"] += 1
         self.connections.add(ServerConnection(self, sock, addr))
 
-    def track_batch(self, conn):
-        """conn's replies from here on depend on the open batch: refuse them if the
-        log cannot take it."""
-        conn.batch_start = len(conn.outbuf)
+    def track_batch(self, conn, start):
+        """conn's replies from outbuf index start on depend on the open batch:
+        refuse them if the log cannot take it."""
+        conn.batch_start = start
         self.batch_conns.append(conn)
-
-    def _journal(self, op, key, flags, exptime, cas, value):
-        """Store.journal: log the change, and note which client's replies it gates."""
-        self.ulog.append(op, key, flags, exptime, cas, value)
-        conn = self.current
-        if conn is not None and conn.batch_start < 0:
-            self.track_batch(conn)
 
     def _group_commit(self):
         """One ulog write (+fsync under --sync always) and one store commit per
@@ -4646,14 +4714,15 @@ def raise_fd_limit(max_conns):
 
 def serve(host=DEFAULT_HOST, port=DEFAULT_PORT, data_dir=DEFAULT_DATA_DIR, engine="sqlite",
           item_size_max=ITEM_SIZE_MAX_DEFAULT, max_conns=MAX_CONNS_DEFAULT,
-          memory_limit_mb=MEMORY_LIMIT_MB_DEFAULT, sync="everysec",
+          memory_limit_mb=None, sync="everysec",
           ulog_limit=ULOG_LIMIT_DEFAULT, ulog_keep=ULOG_KEEP_DEFAULT, sid=1,
           enable_shutdown=False, reqs_per_event=REQS_PER_EVENT_DEFAULT, http=True,
           http_origins=(), http_hosts=(), loop=None):
     """Bind the port, open (or create) the data directory, recover. Returns a Server.
 
     engine: one of ENGINES. item_size_max, ulog_limit: bytes. memory_limit_mb:
-    megabytes. sync: one of SYNC_MODES. sid: this server's id in the ulog.
+    megabytes (None: MEMORY_LIMIT_MB_DEFAULT for the memory engine, else
+    READ_CACHE_MB_DEFAULT). sync: one of SYNC_MODES. sid: this server's id in the ulog.
     http_hosts: Host names allowed besides the listen address and localhost
     when listening on loopback. loop: an EventLoop to share (a new one if
     None). Raises ConfigError for a missing dbm module, a data directory that
@@ -4661,6 +4730,8 @@ def serve(host=DEFAULT_HOST, port=DEFAULT_PORT, data_dir=DEFAULT_DATA_DIR, engin
     run) or too few file descriptors; OSError for an unusable address.
     """
     raise_fd_limit(max_conns)
+    if memory_limit_mb is None:
+        memory_limit_mb = MEMORY_LIMIT_MB_DEFAULT if engine == "memory" else READ_CACHE_MB_DEFAULT
     loop = loop or EventLoop()
     listener = Listener(loop, host, port, None)
     started = time.monotonic()
@@ -4670,7 +4741,8 @@ def serve(host=DEFAULT_HOST, port=DEFAULT_PORT, data_dir=DEFAULT_DATA_DIR, engin
         ulog = UpdateLog(os.path.join(data_dir, "ulog"), sid=sid, sync=sync,
                          limit=ulog_limit, keep=ulog_keep)
     try:
-        store = Store(open_engine(engine, data_dir), memory_limit_mb << 20, item_size_max)
+        store = Store(open_engine(engine, data_dir, memory_limit_mb << 20),
+                      memory_limit_mb << 20, item_size_max)
         count = recover(store, ulog, data_dir) if ulog is not None else 0
         store.start_writer()
     except BaseException:
@@ -6818,9 +6890,10 @@ def build_parser():
         metavar="SIZE", help="largest item, with k/m suffix (default 1m)")
     add("-c", "--max-conns", type=_int_arg(1, 1 << 20), default=MAX_CONNS_DEFAULT,
         metavar="N", help="most simultaneous clients (default %(default)s)")
-    add("-m", "--memory-limit", type=_int_arg(1, 1 << 30), default=MEMORY_LIMIT_MB_DEFAULT,
-        metavar="MB", help="memory engine: item memory, LRU-evicted; "
-                           "disk engines: read cache (default %(default)s)")
+    add("-m", "--memory-limit", type=_int_arg(1, 1 << 30), metavar="MB",
+        help=f"memory engine: item memory, evicted least recently used first (default "
+             f"{MEMORY_LIMIT_MB_DEFAULT}); disk engines: the read cache in front of the store "
+             f"(default {READ_CACHE_MB_DEFAULT})")
     add("--sync", choices=SYNC_MODES, default="everysec",
         help="when the update log is fsynced (default %(default)s)")
     add("--ulog-limit", type=_ulog_limit_arg, default=ULOG_LIMIT_DEFAULT, metavar="SIZE",
