@@ -6667,16 +6667,16 @@ def run_workload(options):
     else:
         context = multiprocessing.get_context()
         shared = context.Array("q", workers, lock=False)
-        queue = context.Queue()
+        results_queue = context.Queue()
         processes = [context.Process(target=_bench_worker,
-                                     args=(options, w, workers, queue, shared), daemon=True)
+                                     args=(options, w, workers, results_queue, shared), daemon=True)
                      for w in range(workers)]
         for process in processes:
             process.start()
         results = []
         while len(results) < workers:
             try:
-                status, result = queue.get(timeout=1.0)
+                status, result = results_queue.get(timeout=1.0)
             except queue.Empty:
                 if any(p.exitcode not in (None, 0) for p in processes):
                     raise MemtoolError("a bench process died; run with -v to see why")

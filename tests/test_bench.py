@@ -689,3 +689,12 @@ def test_meta_protocol_against_memcached(tmp_path, start_server):
     st = counters(srv)
     assert st["cmd_set"] == 500 + report["sets"]["ops"], st
     assert st["cmd_get"] == gets["ops"] + verify["checked"], st
+
+
+def test_processes_for_longer_than_a_progress_tick(tmp_path, start_server):
+    """The parent waits for its workers a second at a time: a run past that works."""
+    srv = start_server("memtool")
+    _, report = bench_ok(tmp_path, "-s", addr(srv), "--processes", 2, "-c", 2,
+                         "--test-time", 2, "--key-minimum", 1, "--key-maximum", 100)
+    assert error_count(report) == 0, report["errors"]
+    assert report["seconds"] >= 2 and report["totals"]["ops"] > 100
