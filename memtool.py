@@ -1253,6 +1253,7 @@ CACHE_ABSENT_OVERHEAD = 150             # ... per remembered miss, beyond its ke
 ABSENT = False                          # cache entry: the engine has no such key
 CHECKPOINT_SECONDS = 0.1                # write changes to the engine at least this often
 CHECKPOINT_ITEMS = 10000                # ... or once this many keys changed
+CHECKPOINT_PENDING_MAX = 4 * CHECKPOINT_ITEMS  # past this, the loop waits for the writer
 STORE_COUNTERS = ("get_expired", "get_flushed", "evictions", "reclaimed", "total_items",
                   "expired_unfetched", "evicted_unfetched")
 ENGINES = ("sqlite", "gnu", "ndbm", "dumb", "memory")
@@ -1592,10 +1593,17 @@ class CheckpointWriter(threading.Thread):
         self.engine = engine             # its own connection to the store
         self.jobs = queue.Queue()        # (batch, unknown, meta), or None to stop
         self.result = None               # the outcome of the last job, once done
+        self.done = threading.Event()    # set when no job is under way
+        self.done.set()
 
     def submit(self, batch, unknown, meta):
         self.result = None
+        self.done.clear()
         self.jobs.put((batch, unknown, meta))
+
+    def wait(self):
+        """Block until the job under way is done."""
+        self.done.wait()
 
     def stop(self):
         """Finish the job under way, then end."""
@@ -1613,6 +1621,7 @@ class CheckpointWriter(threading.Thread):
             except Exception as err:         # a bug: say so, and keep the batch
                 log.exception("checkpoint writer: unexpected error")
                 self.result = (False, err, (0, 0))
+            self.done.set()
 
 
 def write_checkpoint(engine, batch, unknown, meta):
@@ -1934,7 +1943,12 @@ class Store:
             self.meta_dirty = False
             return True
         if self.writing is not None:
-            return True                       # one at a time: the next commit() goes on
+            if len(self.pending) < CHECKPOINT_PENDING_MAX:
+                return True                   # one at a time: the next commit() goes on
+            self.writer.wait()                # writes outrun the disk: memory stays bounded
+            self._collect()
+            if self.checkpoint_error is not None:
+                return False
         batch, self.pending = self.pending, {}
         unknown, self.unknown = self.unknown, set()
         self.meta_dirty = False
