@@ -5966,7 +5966,8 @@ class ProxyConnection(ProtocolConnection):
 
     def crowded(self):
         return (len(self.slots) >= PROXY_IN_FLIGHT_MAX or self.in_flight > PROXY_IN_FLIGHT_BYTES
-                or self.backed_up())
+                or self.unsent_bytes >= OUTPUT_HIGH_WATER
+                or (len(self.outbuf) > self.check_at and self.backed_up()))
 
     def close_when_sent(self):
         self.ending = True
