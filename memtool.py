@@ -126,6 +126,10 @@ READ_CACHE_MB_DEFAULT = 256         # -m of disk engines: their read cache, size
 ULOG_LIMIT_DEFAULT = 64 << 20       # --ulog-limit: rotate the update log at this size
 ULOG_LIMIT_MIN = 64 << 10           # ... and at least this
 ULOG_KEEP_DEFAULT = 4               # rotated ulog files kept for recovery and peers
+ULOG_RETAIN_DEFAULT = 1 << 30       # --ulog-retain: files a connected replica still needs
+                                    # are kept past --ulog-keep up to this many bytes
+TOMBSTONE_TTL_DEFAULT = 86400       # --tombstone-ttl: seconds a delete is remembered
+REPL_BACKLOG_DEFAULT = 64 << 20     # --repl-backlog: the memory engine's recent records
 
 ACCEPT_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ACCEPT_RETRY_SECONDS = 0.1          # accepting pauses this long when it runs out of fds
@@ -271,6 +275,11 @@ class LogDamaged(LogCorrupt):
         self.path = path
         self.offset = offset
         self.torn = torn
+
+
+class PositionLost(MemtoolError):
+    """A log position that the log no longer holds (pruned, or out of the
+    memory backlog) or never held (another server's, or an older log's)."""
 
 
 class ConfigError(MemtoolError):
@@ -643,6 +652,9 @@ def stats_reply(tokens, source):
         raise ClientError(b"usage: stats detail on|off|dump")
     if sub in (b"items", b"slabs", b"sizes", b"conns"):
         return END     # no slab allocator: memcached's answer for an empty cache
+    group = getattr(source, "stat_groups", {}).get(sub.decode("ascii", "replace"))
+    if group is not None:
+        return encode_stats(group())
     raise UNKNOWN
 
 
@@ -1215,15 +1227,19 @@ class Continuum:
 #
 # Store is the item model (expiry, cas, flush_all, LRU) over an engine, the
 # store of record on disk. Every change is handed to `journal` (the update
-# log, section 6) as an *effect* record before it is applied:
+# log, section 6) as an *effect* Record before it is applied:
 #
-#     OP_SET    key flags exptime cas value   (set/add/replace/cas, and the
-#                                              result of append/prepend/incr/decr;
-#                                              the op byte's high nibble holds the
-#                                              item's PERSISTED_STATE bits)
-#     OP_DELETE key
-#     OP_TOUCH  key exptime
-#     OP_FLUSH  exptime=deadline cas=threshold
+#     OP_SET    key flags exptime cas value   (every write: set/add/replace/cas,
+#                                              the result of append/prepend/incr/
+#                                              decr, touch; the op byte's high
+#                                              nibble holds the item's
+#                                              PERSISTED_STATE bits)
+#     OP_DELETE key                           (leaves a tombstone)
+#     OP_FLUSH  exptime=deadline (0 = at once)
+#     OP_RTS    key=source address, value="<source sid> <file> <offset>":
+#               how far this server has applied that source's log (section 10)
+#     OP_TOUCH  key exptime                   (read in logs of the release
+#                                              before stamps; no longer written)
 #
 # Effects rather than commands: replaying a record twice gives the same
 # state, so the store may lag the log safely, and a replica applies exactly
@@ -1233,19 +1249,33 @@ class Continuum:
 # busy key costs one disk write per checkpoint and recovery replays the log
 # from that position. Store methods return status constants; only the
 # server turns them into reply lines.
+#
+# Every record and item carries a stamp, microseconds << 32 | origin sid,
+# from a hybrid logical clock (Store.stamp_now: never behind the newest stamp
+# the server has seen). Replicas apply another server's records by the
+# stamp rule (apply_remote): the higher stamp wins, for writes and deletes
+# alike (a delete leaves a TOMBSTONE holding its stamp for --tombstone-ttl,
+# as does an item that expired), and a flush_all kills the items stamped
+# before it (before its deadline, when delayed). cas uniques stay local.
 
-OP_SET, OP_DELETE, OP_TOUCH, OP_FLUSH = 1, 2, 3, 4
+OP_SET, OP_DELETE, OP_TOUCH, OP_FLUSH, OP_RTS = 1, 2, 3, 4, 5
 ST_STORED, ST_NOT_STORED, ST_EXISTS, ST_NOT_FOUND, ST_DELETED, ST_NON_NUMERIC = range(6)
+STAMP_SID_BITS = 32                     # stamp = microseconds << 32 | origin sid
 
 # Item.state bits, memcached's it_flags that the meta protocol shows.
 STALE = 1               # invalidated by `md I` or a stale `ms I` write (mg shows X)
 KEY_BINARY = 2          # the key arrived base64 (`b`) or is not a text key: echo it encoded
 TOKEN_SENT = 4          # a client holds the recache token (mg shows Z, not W)
+TOMBSTONE = 8           # not an item: a delete, remembered with its stamp (replication)
 PERSISTED_STATE = STALE | KEY_BINARY   # the bits kept on disk and in the ulog
 
 RECORD_HEADER = struct.Struct("<IqQ")   # flags, exptime, cas unique: before the data
-RECORD_STATE_SHIFT = 62                 # the stored cas field's top bits hold PERSISTED_STATE:
-RECORD_CAS_MASK = (1 << RECORD_STATE_SHIFT) - 1   # cas uniques never get near 2**62
+RECORD_STATE_SHIFT = 62                 # the stored cas field's top bits hold PERSISTED_STATE,
+RECORD_STAMPED = 1 << 61                # ... then: a RECORD_STAMP follows the header,
+RECORD_TOMBSTONE = 1 << 60              # ... the row is a tombstone
+RECORD_CAS_MASK = (1 << 60) - 1         # cas uniques never get near 2**60
+RECORD_STAMP = struct.Struct("<QI")     # the stamp: microseconds, origin sid
+RECORD_HEAD_BYTES = RECORD_HEADER.size + RECORD_STAMP.size   # what a scan reads of a row
 META_KEY = b"memtool:meta:" + b"." * KEY_MAX_LENGTH  # longer than any client key
 CACHE_ITEM_OVERHEAD = 320               # bytes of Python objects per cached item beyond its
                                         # key and reply bytes (measured: 474 per 100-byte item)
@@ -1268,6 +1298,30 @@ EVICT_SECOND_CHANCES = 64               # recently fetched items passed over per
 STORE_UNREADABLE = ServerError.refusal(b"cannot read the store")
 
 
+class Record(collections.namedtuple("Record", "stamp op key flags exptime cas value")):
+    """One effect: what the update log holds and replay, replication and the
+    stream (section 10) carry and apply.
+
+    stamp: microseconds << 32 | origin sid (Store.stamp_now). op: an OP_* in
+    the low nibble, the item's PERSISTED_STATE bits in the high one. exptime:
+    absolute unix seconds, 0 = never (OP_FLUSH: its deadline, 0 = at once).
+    cas: the cas unique on the server whose log holds the record (it means
+    nothing elsewhere). key, value: bytes.
+    """
+
+    __slots__ = ()
+
+    @property
+    def ts(self):
+        """Microseconds since the epoch."""
+        return self.stamp >> STAMP_SID_BITS
+
+    @property
+    def sid(self):
+        """The origin server's --sid."""
+        return self.stamp & UINT32_MASK
+
+
 class Item:
     """One item: flags (u32), exptime (absolute unix seconds, 0 = never), cas unique (u64).
 
@@ -1278,17 +1332,21 @@ class Item:
     time of the last fetch, or minus the time it was stored while it has not
     been fetched: memcached's ITEM_FETCHED bit rides in the sign, so a get
     pays one attribute store for both. `placed` is when it last went to the
-    young end of the Store's cache (for CLOCK eviction).
+    young end of the Store's cache (for CLOCK eviction). `stamp` is the
+    stamp of the write that made it, microseconds << 32 | origin sid (0 for
+    items stored before stamps): the last writer wins on it. A TOMBSTONE
+    Item is a remembered delete, with exptime the end of its memory.
     """
 
     __slots__ = ("flags", "exptime", "cas", "rendered", "vstart", "size", "state", "atime",
-                 "placed")
+                 "placed", "stamp")
 
-    def __init__(self, key, flags, exptime, cas, value, state=0):
+    def __init__(self, key, flags, exptime, cas, value, state=0, stamp=0):
         self.flags = flags
         self.exptime = exptime
         self.cas = cas
         self.state = state
+        self.stamp = stamp
         self.atime = 0
         self.placed = 0.0
         self.rendered = b"VALUE %b %d %d\r\n%b\r\n" % (key, flags, len(value), value)
@@ -1310,18 +1368,39 @@ class Item:
                 memoryview(self.rendered)[self.vstart:])
 
     def record(self):
-        """The bytes stored on disk: RECORD_HEADER, with the state in the cas field's
-        top bits, then the data."""
-        return b"".join((RECORD_HEADER.pack(
-            self.flags, self.exptime,
-            self.cas | (self.state & PERSISTED_STATE) << RECORD_STATE_SHIFT),
-            memoryview(self.rendered)[self.vstart:-2]))
+        """The bytes stored on disk: RECORD_HEADER (the state and the STAMPED and
+        TOMBSTONE marks in the cas field's top bits), RECORD_STAMP, the data."""
+        cas = self.cas | (self.state & PERSISTED_STATE) << RECORD_STATE_SHIFT | RECORD_STAMPED
+        if self.state & TOMBSTONE:
+            cas |= RECORD_TOMBSTONE
+        return b"".join((RECORD_HEADER.pack(self.flags, self.exptime, cas),
+                         RECORD_STAMP.pack(self.stamp >> STAMP_SID_BITS, self.stamp & UINT32_MASK),
+                         memoryview(self.rendered)[self.vstart:-2]))
 
     @classmethod
     def from_record(cls, key, record):
+        """The Item of a stored row (rows written before stamps have none: 0).
+        Raises struct.error or TypeError for a row that does not decode."""
         flags, exptime, cas = RECORD_HEADER.unpack_from(record)
-        return cls(key, flags, exptime, cas & RECORD_CAS_MASK, record[RECORD_HEADER.size:],
-                   cas >> RECORD_STATE_SHIFT)
+        start, stamp, state = RECORD_HEADER.size, 0, (cas >> RECORD_STATE_SHIFT)
+        if cas & RECORD_STAMPED:
+            ts, sid = RECORD_STAMP.unpack_from(record, start)
+            start, stamp = start + RECORD_STAMP.size, ts << STAMP_SID_BITS | sid
+            if cas & RECORD_TOMBSTONE:
+                state |= TOMBSTONE
+        return cls(key, flags, exptime, cas & RECORD_CAS_MASK, record[start:], state, stamp)
+
+
+def row_facts(key, length, head):
+    """What an engine row is, from its length and its first RECORD_HEAD_BYTES:
+    (size as Item.size counts it, exptime, cas unique, stamp, is a tombstone).
+    Raises struct.error or TypeError for a row that does not decode."""
+    flags, exptime, cas = RECORD_HEADER.unpack_from(head)
+    size, stamp = len(key) + length, 0
+    if cas & RECORD_STAMPED:
+        ts, sid = RECORD_STAMP.unpack_from(head, RECORD_HEADER.size)
+        size, stamp = size - RECORD_STAMP.size, ts << STAMP_SID_BITS | sid
+    return size, exptime, cas & RECORD_CAS_MASK, stamp, bool(cas & RECORD_TOMBSTONE)
 
 
 class SqliteEngine:
@@ -1337,6 +1416,8 @@ class SqliteEngine:
         self.path = path + ".sqlite3"
         self.cache_bytes = cache_bytes       # SQLite's page cache for this connection
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # a TEXT value (not ours) comes back as a str, which no row decodes from
+        self.db.text_factory = lambda data: data.decode("utf-8", "replace")
         self.db.execute("PRAGMA journal_mode = wal")
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute("PRAGMA cache_size = -%d" % (cache_bytes >> 10))
@@ -1350,10 +1431,10 @@ class SqliteEngine:
                               (key,)).fetchone()
         return None if row is None else row[0]
 
-    def size(self, key):
-        row = self.db.execute("SELECT length(value) FROM Dict WHERE key = CAST(? AS BLOB)",
-                              (key,)).fetchone()
-        return None if row is None else row[0]
+    def head(self, key):
+        """(length, first RECORD_HEAD_BYTES) of key's row, or None: see row_facts."""
+        return self.db.execute("SELECT length(value), substr(value, 1, %d) FROM Dict WHERE "
+                               "key = CAST(? AS BLOB)" % RECORD_HEAD_BYTES, (key,)).fetchone()
 
     def write(self, puts, deletes):
         """Store puts [(key, value)] and drop deletes [key] in one transaction;
@@ -1372,14 +1453,14 @@ class SqliteEngine:
                 self.db.execute("ROLLBACK")
             raise
 
-    def sizes(self, keys):
-        """{key: length of its value} for those of keys the store has."""
+    def heads(self, keys):
+        """{key: (length, first RECORD_HEAD_BYTES)} for those of keys the store has."""
         found, keys = {}, list(keys)
         for i in range(0, len(keys), SQLITE_IN_KEYS):
             chunk = keys[i:i + SQLITE_IN_KEYS]
-            found.update(self.db.execute(
-                "SELECT key, length(value) FROM Dict WHERE key IN (%s)"
-                % ",".join(["CAST(? AS BLOB)"] * len(chunk)), chunk))
+            found.update((key, (length, head)) for key, length, head in self.db.execute(
+                "SELECT key, length(value), substr(value, 1, %d) FROM Dict WHERE key IN (%s)"
+                % (RECORD_HEAD_BYTES, ",".join(["CAST(? AS BLOB)"] * len(chunk))), chunk))
         return found
 
     def clone(self):
@@ -1387,11 +1468,11 @@ class SqliteEngine:
         return SqliteEngine(self.path[:-len(".sqlite3")], self.cache_bytes)
 
     def scan(self, after, limit, whole=False):
-        """Up to `limit` (key, record header) pairs with key > after, in key order;
-        with `whole`, (key, record) pairs."""
+        """Up to `limit` (key, length, first RECORD_HEAD_BYTES) rows with key > after,
+        in key order; with `whole`, (key, record) pairs."""
         return self.db.execute(
             "SELECT key, %s FROM Dict WHERE key > CAST(? AS BLOB) ORDER BY key LIMIT ?"
-            % ("value" if whole else "substr(value, 1, %d)" % RECORD_HEADER.size),
+            % ("value" if whole else "length(value), substr(value, 1, %d)" % RECORD_HEAD_BYTES),
             (after, limit)).fetchall()
 
     def count(self):
@@ -1432,16 +1513,16 @@ class DbmEngine:
     def get(self, key):
         return self.db.get(key)
 
-    def size(self, key):
+    def head(self, key):
         value = self.db.get(key)
-        return None if value is None else len(value)
+        return None if value is None else (len(value), value[:RECORD_HEAD_BYTES])
 
-    def sizes(self, keys):
+    def heads(self, keys):
         found = {}
         for key in keys:
             value = self.db.get(key)
             if value is not None:
-                found[key] = len(value)
+                found[key] = (len(value), value[:RECORD_HEAD_BYTES])
         return found
 
     @staticmethod
@@ -1470,7 +1551,8 @@ class DbmEngine:
         for key in keys[start:start + limit]:
             value = self.db.get(key)
             if value is not None:
-                rows.append((key, value if whole else value[:RECORD_HEADER.size]))
+                rows.append((key, value) if whole else
+                            (key, len(value), value[:RECORD_HEAD_BYTES]))
         return rows
 
     def count(self):
@@ -1630,8 +1712,10 @@ def write_checkpoint(engine, batch, unknown, meta):
     (dict): those the engine has are counted out again. Returns (done, the
     engine's error or None, (items, bytes) corrections for the counts)."""
     try:
-        found = engine.sizes(unknown) if unknown else {}
-        corrections = (-len(found), -sum(len(key) + n for key, n in found.items()))
+        found = [size for size, tombstone in
+                 (_row_size(key, *row) for key, row in engine.heads(unknown).items())
+                 if not tombstone] if unknown else ()
+        corrections = (-len(found), -sum(found))
         meta = dict(meta, items=meta["items"] + corrections[0],
                     bytes=meta["bytes"] + corrections[1])
         # in key order: neighbouring rows share B-tree pages (about 1.5x faster)
@@ -1644,31 +1728,55 @@ def write_checkpoint(engine, batch, unknown, meta):
     return True, None, corrections
 
 
+def _row_size(key, length, head):
+    """(size, is a tombstone) of an engine row; a row that does not decode
+    holds no item, as Store._decode treats it."""
+    try:
+        size, _, _, _, tombstone = row_facts(key, length, head)
+    except (struct.error, TypeError):
+        return 0, True
+    return size, tombstone
+
+
+def deadline_stamp(deadline):
+    """The stamp a delayed flush_all takes effect at: its deadline (unix seconds)."""
+    return deadline * 1000000 << STAMP_SID_BITS
+
+
 class Store:
     """Items with memcached semantics over an engine (None = memory only).
 
     memory_limit: bytes. For the memory engine it bounds the items (least
-    recently used are evicted, counted in `evictions`); for disk engines it
-    bounds the read cache in front of the engine. item_size_max: bytes, as
-    memcached -I. journal(op, key, flags, exptime, cas, value) receives each
-    effect before it is applied, and may refuse it by raising (a ServerError
-    while the log cannot be written): nothing has changed then. The changes
-    journaled since the last commit() form a batch that rollback() undoes.
-    `now` is the store's clock (unix seconds): the server sets it once per
-    loop pass with tick(), replay sets it to each record's time. Raises
-    StoreUnreadable when the engine's meta record cannot be read.
+    recently used are evicted, counted in `evictions`) and the tombstones
+    (evicted first); for disk engines it bounds the read cache in front of
+    the engine. item_size_max: bytes, as memcached -I. journal(Record)
+    receives each effect before it is applied; with `undoable` it may refuse
+    it by raising (a ServerError while the log cannot be written): nothing
+    has changed then, and the changes journaled since the last commit() form
+    a batch that rollback() undoes. sid: this server's id, in the stamps of
+    its changes. tombstone_ttl: seconds a delete (or an expired item) is
+    remembered with its stamp, 0 = not at all. `now` is the store's clock
+    (unix seconds): the server sets it once per loop pass with tick(),
+    replay to each record's time. Raises StoreUnreadable when the engine's
+    meta record cannot be read.
     """
 
     def __init__(self, engine=None, memory_limit=MEMORY_LIMIT_MB_DEFAULT << 20,
-                 item_size_max=ITEM_SIZE_MAX_DEFAULT, journal=None):
+                 item_size_max=ITEM_SIZE_MAX_DEFAULT, journal=None, undoable=False, sid=1,
+                 tombstone_ttl=TOMBSTONE_TTL_DEFAULT):
         self.engine = engine                  # store of record, or None
         self.memory_limit = memory_limit      # bytes for cached/held items
         self.item_size_max = item_size_max    # -I, bytes
         self.journal = journal                # effect sink (the update log) or None
+        self.undoable = undoable              # the journal may refuse: keep undo records
+        self.sid = sid                        # --sid, in our stamps
+        self.tombstone_ttl = tombstone_ttl    # seconds a delete is remembered
         self.cache = collections.OrderedDict()  # key -> Item or ABSENT, least recent first
-        self.cache_bytes = 0                  # estimated memory of `cache`
-        self.pending = {}                     # key -> Item, or None for a delete, not yet
-                                              # written to the engine
+        self.cache_bytes = 0                  # estimated memory of `cache` and `tombstones`
+        self.tombstones = collections.OrderedDict()  # memory engine: key -> tombstone Item,
+                                              # oldest first
+        self.pending = {}                     # key -> Item (a tombstone too), or None for a
+                                              # row to drop, not yet written to the engine
         self.writing = None                   # the batch the writer thread is writing
         self.writing_position = None          # ... and the log position it covers
         self.writing_unknown = None           # ... and its keys of unknown earlier presence
@@ -1682,15 +1790,23 @@ class Store:
         self.expired_unfetched = self.evicted_unfetched = 0
         self.curr_items = self.bytes = 0      # items on disk (or held) and their bytes
         self.undo = None                      # while a batch is open: key -> (pending entry
-                                              # or MISSING, its exptime, key in unknown)
-                                              # before it changed
+                                              # or MISSING, its exptime and stamp, key in
+                                              # unknown) before it changed
         self.undo_counts = None               # ... and the counters and flush state before
         self.damaged = set()                  # keys whose engine rows do not decode
         self.checkpoint_error = None          # why the last checkpoint failed, or None
         meta = self._read_meta() if engine is not None else {}
         self.last_cas = meta.get("cas", 0)    # last cas unique handed out
-        self.flush_cas = meta.get("flush_cas", 0)  # items with a smaller cas are flushed
-        self.flush_deadline = meta.get("flush_deadline", 0)  # pending delayed flush_all
+        self.clock = meta.get("clock", 0)     # microseconds of the newest stamp seen
+        self.flush_stamp = meta.get("flush_stamp", 0)  # items stamped below it are flushed
+        self.flush_last = meta.get("flush_last", 0)    # the stamp of the latest flush_all
+        pending = meta.get("flush_pending") or (
+            meta.get("flush_deadline") and [0, meta["flush_deadline"]])  # release 1's form
+        self.flush_pending = tuple(pending) if pending else None  # (stamp, deadline) of a
+                                              # delayed flush_all yet to take effect
+        self.flush_cas = meta.get("flush_cas", 0)  # rows from before stamps with a smaller
+                                              # cas unique are flushed
+        self.rts = meta.get("rts", {})        # source address -> "sid file offset" applied
         self.log_position = meta.get("ulog")  # [file name, offset] of the log's end
         self.checkpoint_position = self.log_position  # what the engine covers
         self.sweep_after = b""                # sweep cursor: last key checked
@@ -1712,7 +1828,7 @@ class Store:
             item = self._load(key)
             if item is None:
                 return None
-        elif (item.exptime and item.exptime <= self.now) or item.cas < self.flush_cas:
+        elif (item.exptime and item.exptime <= self.now) or item.stamp < self.flush_stamp:
             self._reap(key, item)
             return None
         if fetch:
@@ -1788,8 +1904,9 @@ class Store:
             return ST_NOT_FOUND
         if cas_unique is not None and cas_unique != old.cas:
             return ST_EXISTS
-        self._journal(OP_DELETE, key, 0, 0, 0, b"")
-        self._remove(key, old.size)
+        stamp = self.stamp_now()
+        self._journal(stamp, OP_DELETE, key, 0, 0, 0, b"")
+        self._bury(key, old.size, stamp)
         return ST_DELETED
 
     def incr(self, key, delta, incr=True, cas_unique=0):
@@ -1830,9 +1947,13 @@ class Store:
         return item
 
     def set_exptime(self, key, item, exptime):
-        """Give a live item a new absolute exptime (0 = never)."""
-        self._journal(OP_TOUCH, key, 0, exptime, 0, b"")
-        self._retime(key, item, exptime)
+        """Give a live item a new absolute exptime (0 = never). It keeps its cas
+        unique (memcached's touch) and is logged whole under a new stamp, so
+        that a touch competes with writes by the stamp rule."""
+        stamp = self.stamp_now()
+        self._journal(stamp, OP_SET | (item.state & PERSISTED_STATE) << 4, key, item.flags,
+                      exptime, item.cas, item.value)
+        self._retime(key, item, exptime, stamp)
 
     def vivify(self, key, value=b""):
         """Create a missing item (flags 0, no expiry) for meta `N`; returns it."""
@@ -1851,9 +1972,7 @@ class Store:
         Items stored up to the deadline die; a later flush_all replaces a
         pending one (memcached keeps a single oldest_live).
         """
-        deadline = self.absolute(delay) if delay > 0 else 0
-        self._journal(OP_FLUSH, b"", 0, deadline, self.last_cas + 1, b"")
-        self._flush(deadline, self.last_cas + 1)
+        self._flush(self.stamp_now(), self.absolute(delay) if delay > 0 else 0, True)
 
     def absolute(self, exptime):
         """Protocol exptime -> absolute unix seconds (0 = never).
@@ -1869,24 +1988,97 @@ class Store:
             return exptime
         return int(self.now) + exptime
 
+    def stamp_now(self):
+        """The stamp of a new local change: the time in microseconds, moved past
+        every stamp this server has seen (a hybrid logical clock), and our sid."""
+        ts = time.time_ns() // 1000
+        if ts <= self.clock:
+            ts = self.clock + 1
+        self.clock = ts
+        return ts << STAMP_SID_BITS | self.sid
+
+    # -- records ---------------------------------------------------------------
+
+    def apply(self, record):
+        """Apply a Record of this server's own log (replay): as when it was
+        logged, so unconditionally and in log order; the inverse of journal."""
+        stamp, op, key = record.stamp, record.op & 0x0F, record.key
+        if stamp >> STAMP_SID_BITS > self.clock:
+            self.clock = stamp >> STAMP_SID_BITS
+        if record.cas > self.last_cas:
+            self.last_cas = record.cas
+        if op == OP_SET:
+            self._write_blind(key, record.flags, record.exptime, record.value, record.cas,
+                              record.op >> 4, stamp)
+        elif op == OP_DELETE:
+            self._bury(key, self._held(key)[1], stamp)
+        elif op == OP_TOUCH:
+            item = self.get(key, False)
+            if item is not None:
+                self._retime(key, item, record.exptime, stamp)
+        elif op == OP_FLUSH:
+            self._flush(stamp, record.exptime)
+        elif op == OP_RTS:
+            self._note_rts(key.decode(), record.value.decode())
+
+    def apply_remote(self, record):
+        """Apply another server's Record by the stamp rule: when its stamp is above
+        the stamp of what the key holds (item or tombstone; for a flush_all, see
+        _flush_state), it is journaled, with its origin stamp and a new local
+        cas unique, and applied as a client's write is; else nothing changes.
+        Returns whether it was applied. Raises what the journal raises."""
+        stamp, op, key = record.stamp, record.op & 0x0F, record.key
+        if stamp >> STAMP_SID_BITS > self.clock:
+            self.clock = stamp >> STAMP_SID_BITS     # so later local writes win over it
+        if op == OP_FLUSH:
+            return self._flush(stamp, record.exptime, True)
+        if op not in (OP_SET, OP_DELETE, OP_TOUCH):
+            return False
+        held, size = self._held(key)
+        if stamp <= held or stamp < self.flush_stamp:
+            return False
+        if op == OP_SET:
+            self._write(key, record.flags, record.exptime, record.value, size,
+                        state=record.op >> 4 & PERSISTED_STATE, stamp=stamp)
+        elif op == OP_DELETE:
+            self._journal(stamp, OP_DELETE, key, 0, 0, 0, b"")
+            self._bury(key, size, stamp)
+        else:                     # a touch from a source of the release before stamps
+            item = self.get(key, False)
+            if item is None:
+                return False
+            self._write(key, item.flags, record.exptime, item.value, size,
+                        state=item.state & PERSISTED_STATE, stamp=stamp)
+        return True
+
+    def stamp_of(self, key):
+        """The stamp of what key holds (an item, live or not, or a tombstone); 0 for
+        nothing."""
+        return self._held(key)[0]
+
+    def note_rts(self, source, text):
+        """Record how far this server has applied a source's log (section 10):
+        journaled with the records it covers, so it is exactly as durable."""
+        self._journal(self.stamp_now(), OP_RTS, source.encode(), 0, 0, 0, text.encode())
+        self._note_rts(source, text)
+
     # -- housekeeping --------------------------------------------------------
 
     def tick(self, when):
-        """Advance the clock; a delayed flush_all whose deadline passed takes effect,
-        logged with the cas threshold it took, so that a replay repeats it exactly."""
+        """Advance the clock; a delayed flush_all whose deadline passed takes effect
+        (not logged: its record says when, so a replay repeats it exactly)."""
         self.now = when
-        if self.flush_deadline and when >= self.flush_deadline:
-            threshold = self.last_cas + 1
-            try:
-                self._journal(OP_FLUSH, b"", 0, 0, threshold, b"")
-            except ProtocolError:
-                return     # the log refuses writes now: at a later tick
-            self._flush(0, threshold)
+        pending = self.flush_pending
+        if pending is not None and when >= pending[1]:
+            self.flush_pending = None
+            self.flush_stamp = max(self.flush_stamp, deadline_stamp(pending[1]))
+            self.meta_dirty = True
 
     def sweep(self, limit=SWEEP_STEP_ITEMS):
-        """Remove up to `limit` expired or flushed items from disk; a bounded step."""
+        """Remove up to `limit` expired or flushed items and ended tombstones; a
+        bounded step. An expired item leaves a tombstone."""
         if self.engine is None:
-            return 0
+            return self._sweep_tombstones(limit)
         try:
             rows = self.engine.scan(self.sweep_after, limit)
         except self.engine.errors as err:
@@ -1894,18 +2086,25 @@ class Store:
             return 0
         self.sweep_after = rows[-1][0] if len(rows) == limit else b""
         reaped = 0
-        for key, header in rows:
+        for key, length, head in rows:
             if len(key) > KEY_MAX_LENGTH or key in self.pending or (
                     self.writing is not None and key in self.writing):
                 continue   # the meta record, or a key whose disk row is out of date
             try:
-                _, exptime, cas = RECORD_HEADER.unpack(header)
+                size, exptime, cas, stamp, tombstone = row_facts(key, length, head)
             except (struct.error, TypeError):
-                self._decode(key, header)      # logs the damaged row once
+                self._decode(key, head)        # logs the damaged row once
                 continue
-            cas &= RECORD_CAS_MASK
-            if (exptime and exptime <= self.now) or cas < self.flush_cas:
-                self._remove(key, len(key) + self.engine.size(key))
+            if tombstone:
+                if exptime <= self.now:
+                    if self.undoable:
+                        self._keep(key)
+                    self.pending[key] = None
+            elif stamp < self.flush_stamp or (not stamp and cas < self.flush_cas):
+                self._remove(key, size)
+                reaped += 1
+            elif exptime and exptime <= self.now:
+                self._bury(key, size, stamp)
                 reaped += 1
         self.reclaimed += reaped
         return reaped
@@ -1952,8 +2151,9 @@ class Store:
         batch, self.pending = self.pending, {}
         unknown, self.unknown = self.unknown, set()
         self.meta_dirty = False
-        meta = {"cas": self.last_cas, "flush_cas": self.flush_cas,
-                "flush_deadline": self.flush_deadline, "ulog": self.log_position,
+        meta = {"cas": self.last_cas, "clock": self.clock, "flush_stamp": self.flush_stamp,
+                "flush_last": self.flush_last, "flush_pending": self.flush_pending,
+                "flush_cas": self.flush_cas, "rts": dict(self.rts), "ulog": self.log_position,
                 "items": self.curr_items, "bytes": self.bytes}
         self.writing, self.writing_position = batch, self.log_position
         self.writing_unknown = unknown
@@ -1995,11 +2195,12 @@ class Store:
 
     def rollback(self):
         """Undo the batch (every change since the last commit()): the log could
-        not take it. Items, pending changes, counters and the flush state return
-        to what they were; cas uniques handed out meanwhile stay used."""
+        not take it. Items, pending changes, counters, the flush state and the
+        rts return to what they were; cas uniques and stamps handed out
+        meanwhile stay used."""
         if self.undo is None:
             return
-        for key, (prior, exptime, unknown) in self.undo.items():
+        for key, (prior, exptime, stamp, unknown) in self.undo.items():
             if not unknown:
                 self.unknown.discard(key)
             if prior is MISSING:
@@ -2007,32 +2208,14 @@ class Store:
             else:
                 self.pending[key] = prior
                 if prior:
-                    prior.exptime = exptime   # touch changes items in place
+                    prior.exptime, prior.stamp = exptime, stamp   # touch changes items in place
             cached = self.cache.pop(key, None)
             if cached is not None:
                 self.cache_bytes -= self._footprint(key, cached)
-        (self.curr_items, self.bytes, self.total_items, self.flush_cas,
-         self.flush_deadline) = self.undo_counts
+        (self.curr_items, self.bytes, self.total_items, self.flush_stamp, self.flush_pending,
+         self.flush_last, self.rts) = self.undo_counts
         self.undo = None
         self._collect()
-
-    def apply(self, op, key, flags, exptime, cas, value):
-        """Apply one effect record (replay, replication); the inverse of journal."""
-        if cas > self.last_cas:
-            self.last_cas = cas
-        state, op = op >> 4, op & 0x0F
-        if op == OP_SET:
-            self._write_blind(key, flags, exptime, value, cas, state)
-        elif op == OP_DELETE:
-            size = self._present_size(key)
-            if size is not None:
-                self._remove(key, size)
-        elif op == OP_TOUCH:
-            item = self.get(key, False)
-            if item is not None:
-                self._retime(key, item, exptime)
-        elif op == OP_FLUSH:
-            self._flush(exptime, cas)
 
     def set_memory_limit(self, limit):
         """New memory limit in bytes; evicts (or drops cached items) down to it."""
@@ -2074,10 +2257,10 @@ class Store:
                                   err) from None
         return meta
 
-    def _journal(self, op, key, flags, exptime, cas, value):
+    def _journal(self, stamp, op, key, flags, exptime, cas, value):
         """Hand a new change to the journal, which may refuse it by raising."""
         if self.journal is not None:
-            self.journal(op, key, flags, exptime, cas, value)
+            self.journal(Record(stamp, op, key, flags, exptime, cas, value))
 
     def _keep(self, key):
         """Remember what is pending for key (and the counters) before the open
@@ -2085,12 +2268,14 @@ class Store:
         undo = self.undo
         if undo is None:
             undo = self.undo = {}
-            self.undo_counts = (self.curr_items, self.bytes, self.total_items,
-                                self.flush_cas, self.flush_deadline)
+            self.undo_counts = (self.curr_items, self.bytes, self.total_items, self.flush_stamp,
+                                self.flush_pending, self.flush_last, dict(self.rts))
         if key not in undo:
             prior = self.pending.get(key, MISSING)
-            undo[key] = (prior, prior.exptime if prior.__class__ is Item else 0,
-                         key in self.unknown)
+            if prior.__class__ is Item:
+                undo[key] = (prior, prior.exptime, prior.stamp, key in self.unknown)
+            else:
+                undo[key] = (prior, 0, 0, key in self.unknown)
 
     def _decode(self, key, record):
         """The Item of an engine row, or None (logged once) when it does not decode."""
@@ -2105,32 +2290,69 @@ class Store:
                 self.damaged.add(key)
             return None
 
-    def _flush(self, deadline, threshold):
-        if self.journal is not None:
-            self._keep(b"")
-        self.meta_dirty = True
-        if deadline and deadline > self.now:
-            self.flush_deadline = deadline
-        else:
-            self.flush_cas = max(self.flush_cas, threshold)
-            self.flush_deadline = 0
+    def _flush_state(self, stamp, deadline):
+        """(flush_stamp, flush_pending, flush_last) after a flush_all stamped `stamp`
+        with `deadline` (unix seconds, 0 = at once).
 
-    def _retime(self, key, item, exptime):
-        if self.journal is not None:
+        The stamp rule: a flush_all kills the items stamped before it, or
+        before its deadline. The latest (by stamp) replaces a pending one, as
+        memcached's single oldest_live; one that arrives after a later one
+        takes effect only if that later one came after its deadline.
+        """
+        threshold, pending, last = self.flush_stamp, self.flush_pending, self.flush_last
+        fires = deadline_stamp(deadline) if deadline else stamp
+        if stamp > last:
+            last, pending = stamp, None
+            if deadline > self.now:
+                pending = (stamp, deadline)
+            else:
+                threshold = max(threshold, fires)
+        elif not deadline or (last >= fires and deadline <= self.now):
+            threshold = max(threshold, fires)
+        return threshold, pending, last
+
+    def _flush(self, stamp, deadline, log_it=False):
+        """Apply a flush_all by the stamp rule (journaled first with log_it);
+        returns whether it changed anything."""
+        state = self._flush_state(stamp, deadline)
+        if state == (self.flush_stamp, self.flush_pending, self.flush_last):
+            return False
+        if log_it:
+            self._journal(stamp, OP_FLUSH, b"", 0, deadline, 0, b"")
+        if self.undoable:
+            self._keep(b"")
+        self.flush_stamp, self.flush_pending, self.flush_last = state
+        self.meta_dirty = True
+        return True
+
+    def _note_rts(self, source, text):
+        if self.undoable:
+            self._keep(b"")
+        self.rts[source] = text
+        self.meta_dirty = True
+
+    def _retime(self, key, item, exptime, stamp):
+        if self.undoable:
             self._keep(key)
-        item.exptime = exptime
-        self.pending[key] = item
+        item.exptime, item.stamp = exptime, stamp
+        if self.engine is not None:
+            self.pending[key] = item
+
+    def _dead(self, item):
+        """Expired or flushed (by stamp, or by cas for rows from before stamps)?"""
+        return ((item.exptime and item.exptime <= self.now) or item.stamp < self.flush_stamp
+                or (not item.stamp and item.cas < self.flush_cas))
 
     def _load(self, key):
         if self.engine is None:
             return None
         if key in self.pending:
             item = self.pending[key]
-            if item is None:
+            if item is None or item.state & TOMBSTONE:
                 return None
         elif self.writing is not None and key in self.writing:
             item = self.writing[key]
-            if item is None:
+            if item is None or item.state & TOMBSTONE:
                 return None
         else:
             try:
@@ -2138,29 +2360,30 @@ class Store:
             except self.engine.errors as err:
                 log.error("store: reading key %r failed: %s", key, err)
                 raise STORE_UNREADABLE from None
-            if record is None:
+            item = None if record is None else self._decode(key, record)
+            if item is None or item.state & TOMBSTONE:
                 # Remember the miss: a get-heavy client asking for absent keys
                 # would otherwise cost one engine lookup per request.
+                if record is not None and item is None:
+                    return None            # damaged: logged, not remembered
                 self._cache_put(key, ABSENT)
                 return None
-            item = self._decode(key, record)
-            if item is None:
-                return None
             item.atime = -self.now
-        if (item.exptime and item.exptime <= self.now) or item.cas < self.flush_cas:
+        if self._dead(item):
             self._reap(key, item)
             return None
         self._cache_put(key, item)
         return item
 
     def _reap(self, key, item):
-        if item.cas < self.flush_cas:
+        if item.stamp < self.flush_stamp or (not item.stamp and item.cas < self.flush_cas):
             self.get_flushed += 1
-        else:
-            self.get_expired += 1
-            if item.atime <= 0:
-                self.expired_unfetched += 1
-        self._remove(key, item.size)
+            self._remove(key, item.size)
+            return
+        self.get_expired += 1
+        if item.atime <= 0:
+            self.expired_unfetched += 1
+        self._bury(key, item.size, item.stamp)
 
     def _concat(self, key, value, at_end):
         """append/prepend: (status, new Item or None)."""
@@ -2172,20 +2395,23 @@ class Store:
             return ST_NOT_STORED, None
         return ST_STORED, self._write(key, old.flags, old.exptime, data, old.size)
 
-    def _write(self, key, flags, exptime, value, old_size, cas=None, state=0):
+    def _write(self, key, flags, exptime, value, old_size, cas=None, state=0, stamp=0):
         """Store a new item and return it; old_size is the replaced one's size, None
         if there was none.
 
-        Without `cas` this is a new change: it gets the next cas unique and is
-        journaled. With one it is a record being applied.
+        Without `cas` this is a new change: it gets the next cas unique and
+        (unless given, for a replicated write) a new stamp, and is journaled.
+        With one it is a record being replayed.
         """
         if cas is None:
             self.last_cas = cas = self.last_cas + 1
-            self._journal(OP_SET | (state & PERSISTED_STATE) << 4, key, flags, exptime, cas,
-                          value)
-        if self.journal is not None:
+            if not stamp:
+                stamp = self.stamp_now()
+            self._journal(stamp, OP_SET | (state & PERSISTED_STATE) << 4, key, flags, exptime,
+                          cas, value)
+        if self.undoable:
             self._keep(key)
-        item = Item(key, flags, exptime, cas, value, state)
+        item = Item(key, flags, exptime, cas, value, state, stamp)
         item.atime = -self.now
         if old_size is None:
             self.curr_items += 1
@@ -2193,6 +2419,8 @@ class Store:
             self.bytes -= old_size
         self.bytes += item.size
         self.total_items += 1
+        if self.tombstones and key in self.tombstones:
+            self.cache_bytes -= self._footprint(key, self.tombstones.pop(key))
         self._cache_put(key, item)
         if self.engine is not None:
             self.pending[key] = item
@@ -2207,7 +2435,9 @@ class Store:
         return item
 
     def _remove(self, key, size):
-        if self.journal is not None:
+        """Drop key's item (size: what it counts) without a tombstone: a flushed one,
+        which the flush's stamp outlives."""
+        if self.undoable:
             self._keep(key)
         item = self.cache.pop(key, None)
         if item is not None:
@@ -2217,35 +2447,98 @@ class Store:
         self.curr_items -= 1
         self.bytes -= size
 
-    def _write_blind(self, key, flags, exptime, value, cas=None, state=0):
+    def _bury(self, key, size, stamp):
+        """Drop key's item (size: what it counts; None when no item is there) and
+        remember the delete under stamp for tombstone_ttl seconds, so that a
+        write stamped before it that arrives later (replication) stays dead."""
+        if self.undoable:
+            self._keep(key)
+        cached = self.cache.pop(key, None)
+        if cached is not None:
+            self.cache_bytes -= self._footprint(key, cached)
+        if size is not None:
+            self.curr_items -= 1
+            self.bytes -= size
+        tombstone = None
+        if self.tombstone_ttl:
+            tombstone = Item(key, 0, int(self.now) + self.tombstone_ttl, 0, b"", TOMBSTONE,
+                             stamp)
+        if self.engine is not None:
+            self.pending[key] = tombstone
+        elif tombstone is not None:
+            old = self.tombstones.pop(key, None)
+            if old is not None:
+                self.cache_bytes -= self._footprint(key, old)
+            self.tombstones[key] = tombstone
+            self.cache_bytes += self._footprint(key, tombstone)
+            if self.cache_bytes > self.memory_limit:
+                self._evict()
+
+    def _sweep_tombstones(self, limit):
+        """The memory engine's sweep: forget tombstones whose time is up (they are
+        kept oldest first)."""
+        tombstones = self.tombstones
+        while tombstones and limit:
+            key, tombstone = next(iter(tombstones.items()))
+            if tombstone.exptime > self.now:
+                break
+            del tombstones[key]
+            self.cache_bytes -= self._footprint(key, tombstone)
+            limit -= 1
+        return 0
+
+    def _write_blind(self, key, flags, exptime, value, cas=None, state=0, stamp=0):
         """_write() without reading the engine: a key only the engine could know of
         counts as new, and the checkpoint that writes it corrects the counts."""
-        old_size = self._present_size(key, False)
-        _write = self._write(key, flags, exptime, value,
-                             None if old_size is MISSING else old_size, cas, state)
+        old_size = self._known_size(key)
+        item = self._write(key, flags, exptime, value,
+                           None if old_size is MISSING else old_size, cas, state, stamp)
         if old_size is MISSING:
             self.unknown.add(key)
-        return _write
+        return item
 
-    def _present_size(self, key, ask_engine=True):
-        """Size of whatever is stored under key, live or not; None when nothing is;
-        MISSING when only the engine knows and ask_engine is false."""
+    def _known_size(self, key):
+        """Size of the item stored under key, live or not, as far as memory knows:
+        None when there is none, MISSING when only the engine could tell."""
         item = self.cache.get(key)
         if item is None and self.engine is not None:
             if key in self.pending:
                 item = self.pending[key]
             elif self.writing is not None and key in self.writing:
                 item = self.writing[key]
-            elif not ask_engine:
-                return MISSING
             else:
-                try:
-                    size = self.engine.size(key)
-                except self.engine.errors as err:
-                    log.error("store: reading key %r failed: %s", key, err)
-                    raise STORE_UNREADABLE from None
-                return None if size is None else len(key) + size
-        return item.size if item else None
+                return MISSING
+        return item.size if item and not item.state & TOMBSTONE else None
+
+    def _held(self, key):
+        """(stamp, size) of what key holds: an item, live or not (size as it
+        counts), a tombstone (size None), or nothing ((0, None))."""
+        item = self.cache.get(key)
+        if item:
+            return item.stamp, item.size
+        if self.engine is None:
+            tombstone = self.tombstones.get(key)
+            return (tombstone.stamp if tombstone is not None else 0), None
+        if key in self.pending:
+            item = self.pending[key]
+        elif self.writing is not None and key in self.writing:
+            item = self.writing[key]
+        else:
+            try:
+                row = self.engine.head(key)
+            except self.engine.errors as err:
+                log.error("store: reading key %r failed: %s", key, err)
+                raise STORE_UNREADABLE from None
+            if row is None:
+                return 0, None
+            try:
+                size, _, _, stamp, tombstone = row_facts(key, *row)
+            except (struct.error, TypeError):
+                return 0, None             # a damaged row holds nothing
+            return stamp, None if tombstone else size
+        if item is None:
+            return 0, None
+        return item.stamp, None if item.state & TOMBSTONE else item.size
 
     @staticmethod
     def _footprint(key, item):
@@ -2270,10 +2563,14 @@ class Store:
             self._evict()
 
     def _evict(self):
-        """Evict least recently placed items down to the limit; one fetched since it
-        was placed gets a second chance at the young end instead (CLOCK: a get
-        costs an attribute store, not an LRU move; memcached's ACTIVE flag)."""
-        cache = self.cache
+        """Evict least recently placed items down to the limit, after the memory
+        engine's tombstones; one fetched since it was placed gets a second
+        chance at the young end instead (CLOCK: a get costs an attribute store,
+        not an LRU move; memcached's ACTIVE flag)."""
+        cache, tombstones = self.cache, self.tombstones
+        while self.cache_bytes > self.memory_limit and tombstones:
+            key, tombstone = tombstones.popitem(last=False)
+            self.cache_bytes -= self._footprint(key, tombstone)
         chances = EVICT_SECOND_CHANCES
         while self.cache_bytes > self.memory_limit and len(cache) > 1:
             victim_key, victim = cache.popitem(last=False)
@@ -2291,6 +2588,82 @@ class Store:
                     self.evicted_unfetched += 1
 
 
+class StoreScan:
+    """Every key a Store holds, once each, a chunk at a time while the store
+    changes: full copies and digests (section 10) walk it.
+
+    chunk(limit) returns up to `limit` (key, Item) pairs, live items and
+    tombstones (TOMBSTONE state) as they are when the chunk is read, and []
+    at the end. Keys the engine may not have yet (those pending when the
+    scan began) come first, then the engine's rows in key order; keys
+    stored after the scan began may be missed (a copy sends the log from
+    that point). Memory: the keys pending at the start (the memory engine:
+    all its keys).
+    """
+
+    def __init__(self, store):
+        self.store = store
+        if store.engine is None:
+            self.first = list(store.cache) + list(store.tombstones)
+        else:
+            self.first = sorted(set(store.pending).union(store.writing or ()))
+        self.seen = frozenset(self.first) if store.engine is not None else frozenset()
+        self.index = 0                     # next of `first`
+        self.after = b""                   # last engine key returned
+        self.done = False
+
+    def chunk(self, limit):
+        store, out = self.store, []
+        while self.index < len(self.first) and len(out) < limit:
+            key = self.first[self.index]
+            self.index += 1
+            item = self._current(key, None)
+            if item is not None:
+                out.append((key, item))
+        if out or self.done or store.engine is None:
+            return out
+        try:
+            rows = store.engine.scan(self.after, limit, whole=True)
+        except store.engine.errors as err:
+            log.error("store: a scan cannot read the store: %s", err)
+            raise STORE_UNREADABLE from None
+        self.done = len(rows) < limit
+        for key, record in rows:
+            self.after = key
+            if len(key) > KEY_MAX_LENGTH or key in self.seen:
+                continue
+            item = self._current(key, record)
+            if item is not None:
+                out.append((key, item))
+        return out if out or self.done else self.chunk(limit)
+
+    def _current(self, key, record):
+        """key's Item or tombstone as the store holds it now (record: its engine
+        row, read already), or None when it has neither or the item is dead."""
+        store = self.store
+        item = store.cache.get(key)
+        if not item:
+            if store.engine is None:
+                return store.tombstones.get(key)
+            if key in store.pending:
+                item = store.pending[key]
+            elif store.writing is not None and key in store.writing:
+                item = store.writing[key]
+            else:
+                if record is None:
+                    try:
+                        record = store.engine.get(key)
+                    except store.engine.errors as err:
+                        log.error("store: reading key %r failed: %s", key, err)
+                        raise STORE_UNREADABLE from None
+                item = None if record is None else store._decode(key, record)
+            if item is None:
+                return None
+        if item.state & TOMBSTONE:
+            return item
+        return None if store._dead(item) else item
+
+
 # ===== 6. Update log =========================================================
 #
 # The ulog is a directory of append-only files, ulog/<µs timestamp>.ulog,
@@ -2301,18 +2674,21 @@ class Store:
 #     magic    u8    0xC9
 #     length   u32   bytes of the body
 #     crc32    u32   zlib.crc32 of the body
-#     body:
-#       ts       u64   microseconds since the epoch, strictly increasing
-#       sid      u32   server id of the origin (--sid)
-#       op       u8    low nibble OP_SET=1 OP_DELETE=2 OP_TOUCH=3 OP_FLUSH=4,
-#                      high nibble the item's PERSISTED_STATE bits (section 5)
+#     body:            a Record (section 5):
+#       ts       u64   the stamp's microseconds since the epoch
+#       sid      u32   the stamp's origin server id (--sid)
+#       op       u8    low nibble OP_SET=1 OP_DELETE=2 OP_TOUCH=3 OP_FLUSH=4
+#                      OP_RTS=5, high nibble the item's PERSISTED_STATE bits
 #       flags    u32
-#       exptime  i64   absolute unix seconds, 0 = never
-#       cas      u64   cas unique (OP_FLUSH: items below it are flushed)
+#       exptime  i64   absolute unix seconds, 0 = never (OP_FLUSH: the deadline)
+#       cas      u64   cas unique on this server (release 1's OP_FLUSH: the
+#                      cas below which items were flushed; now unused)
 #       keylen   u16
 #       key      keylen bytes
 #       value    the rest of the body
 #
+# Records are in the order this server applied them; a replica's log holds
+# other servers' records with their own stamps, so ts is not monotonic.
 # Records of one loop pass are written with one write(); --sync decides when
 # they reach the disk: always (fsync before any reply leaves), everysec (a
 # timer), no (the OS decides). A write or fsync that fails (ENOSPC, EIO) is
@@ -2325,12 +2701,17 @@ class Store:
 # Positions are [file name, offset] lists (JSON-friendly), always at a
 # record boundary. When old files are pruned, ulog/PRUNED names the newest
 # one deleted: the log no longer holds every change since the store began.
+# Rotated files are kept --ulog-keep deep, and past that while a connected
+# replica still reads them, up to --ulog-retain bytes. The memory engine
+# keeps its newest records for replicas in a MemoryBacklog instead, with
+# the same positions and the same read().
 
 ULOG_MAGIC = 0xC9
 ULOG_FRAME = struct.Struct("<BII")
 ULOG_BODY = struct.Struct("<QIBIqQH")
 ULOG_RECORD_MAX = (1 << 30) + (64 << 10)   # a body longer than the largest item is damage
 ULOG_SUFFIX = ".ulog"
+BACKLOG_SUFFIX = ".mem"           # the name of a MemoryBacklog's positions
 ULOG_PRUNED = "PRUNED"
 ULOG_ZERO_TAIL_BYTES = 16         # a run of zeros this long ends a torn file, not data
 ULOG_READ_BYTES = 1 << 20       # replay and check read files this much at a time
@@ -2339,9 +2720,6 @@ ULOG_RETRY_ROOM = 64 << 10      # ... once the disk has this much more room than
 SYNC_MODES = ("always", "everysec", "no")
 OUT_OF_SPACE = ServerError.refusal(b"out of space")
 LOG_UNWRITABLE = ServerError.refusal(b"cannot write the update log")
-
-Record = collections.namedtuple("Record", "ts sid op key flags exptime cas value")
-
 
 def read_record(buf, pos):
     """The record framed at buf[pos:]: (Record, offset past it), or None while
@@ -2357,13 +2735,13 @@ def read_record(buf, pos):
         return None
     ts, sid, op, flags, exptime, cas, keylen = ULOG_BODY.unpack_from(buf, start)
     if keylen > KEY_MAX_LENGTH or ULOG_BODY.size + keylen > length \
-            or not OP_SET <= op & 0x0F <= OP_FLUSH:
+            or not OP_SET <= op & 0x0F <= OP_RTS:
         raise LogCorrupt("bad record header")
     if zlib.crc32(memoryview(buf)[start:end]) != crc:
         raise LogCorrupt("crc32 mismatch")
     key_start = start + ULOG_BODY.size
-    return Record(ts, sid, op, bytes(buf[key_start:key_start + keylen]), flags, exptime, cas,
-                  bytes(buf[key_start + keylen:end])), end
+    return Record(ts << STAMP_SID_BITS | sid, op, bytes(buf[key_start:key_start + keylen]),
+                  flags, exptime, cas, bytes(buf[key_start + keylen:end])), end
 
 
 def _frame_end(buf, pos):
@@ -2374,12 +2752,14 @@ def _frame_end(buf, pos):
     return pos + ULOG_FRAME.size + ULOG_FRAME.unpack_from(buf, pos)[1]
 
 
-def encode_record(record):
-    """A Record as the bytes of its frame."""
-    body = b"".join((ULOG_BODY.pack(record.ts, record.sid, record.op, record.flags,
-                                    record.exptime, record.cas, len(record.key)),
-                     record.key, record.value))
-    return ULOG_FRAME.pack(ULOG_MAGIC, len(body), zlib.crc32(body)) + body
+def record_frame(record):
+    """A Record as its frame, in parts: (frame header, body head with the key,
+    value); the crc32 runs over the parts, so the value is never copied."""
+    head = ULOG_BODY.pack(record.ts, record.sid, record.op, record.flags, record.exptime,
+                          record.cas, len(record.key)) + record.key
+    value = record.value
+    crc = zlib.crc32(value, zlib.crc32(head))
+    return ULOG_FRAME.pack(ULOG_MAGIC, len(head) + len(value), crc), head, value
 
 
 def next_record_at(buf, pos):
@@ -2512,23 +2892,25 @@ def scan_ulog_file(path):
 class UpdateLog:
     """The writer of the ulog directory (one per directory: it holds a lock).
 
-    directory: where the .ulog files live (created). sid: this server's id,
-    stamped on every record. sync: one of SYNC_MODES. limit: bytes after
-    which a new file is started. keep: rotated files kept besides the
-    current one. Call open() (after replaying with LogReader) before appending.
+    directory: where the .ulog files live (created). sync: one of
+    SYNC_MODES. limit: bytes after which a new file is started. keep:
+    rotated files kept besides the current one; retain: bytes of files kept
+    past those for connected replicas (see prune). Call open() (after
+    replaying with LogReader) before appending.
     """
 
-    def __init__(self, directory, sid=1, sync="everysec", limit=ULOG_LIMIT_DEFAULT,
-                 keep=ULOG_KEEP_DEFAULT):
+    def __init__(self, directory, sync="everysec", limit=ULOG_LIMIT_DEFAULT,
+                 keep=ULOG_KEEP_DEFAULT, retain=ULOG_RETAIN_DEFAULT):
         os.makedirs(directory, exist_ok=True)
         self.lock = self._lock(directory)  # held while open: one writer per log
         self.directory = directory   # holds the .ulog files
-        self.sid = sid               # origin id stamped on our records
         self.sync_mode = sync        # always | everysec | no
         self.limit = limit           # rotate when the current file reaches this
         self.keep = keep             # rotated files to keep
-        self.pending = []            # encoded records of the current batch
-        self.last_ts = 0             # keeps timestamps strictly increasing
+        self.retain = retain         # ... and bytes more for replicas
+        self.pending = []            # frame parts of the current batch's records
+        self.last_batch = None       # (file name, offset, bytes) of the last batch written
+        self.last_ts = 0             # the newest file's start: names keep increasing
         self.unsynced = False        # written since the last fsync
         self.fd = None               # current file, opened by open()
         self.name = None             # its name
@@ -2551,21 +2933,15 @@ class UpdateLog:
         """Cut a torn tail off file `name` at offset (before open())."""
         os.truncate(os.path.join(self.directory, name), offset)
 
-    def append(self, op, key, flags, exptime, cas, value):
-        """Queue one record for this batch (written by flush()).
+    def append(self, record):
+        """Queue one Record for this batch (written by flush()).
 
         Raises OUT_OF_SPACE or LOG_UNWRITABLE while the log cannot be written,
         so the caller changes nothing it could not log.
         """
         if self.error is not None and not self.retrying and not self._retry():
             raise self.refusal
-        ts = int(time.time() * 1e6)
-        if ts <= self.last_ts:
-            ts = self.last_ts + 1
-        self.last_ts = ts
-        head = ULOG_BODY.pack(ts, self.sid, op, flags, exptime, cas, len(key)) + key
-        crc = zlib.crc32(value, zlib.crc32(head))     # the body is never joined here
-        self.pending += (ULOG_FRAME.pack(ULOG_MAGIC, len(head) + len(value), crc), head, value)
+        self.pending += record_frame(record)
 
     def flush(self):
         """Write the batch with one write(); fsync under --sync always; rotate.
@@ -2588,6 +2964,7 @@ class UpdateLog:
         except OSError as err:
             self._fail(err, len(data), self.offset)
             return False
+        self.last_batch = (self.name, self.offset, data)
         self.offset += len(data)
         self.unsynced = self.sync_mode != "always"
         if self.error is not None:
@@ -2620,14 +2997,85 @@ class UpdateLog:
             return OUT_OF_SPACE
         return LOG_UNWRITABLE
 
-    def prune(self, position):
-        """Delete rotated files beyond `keep`, never one at or after `position`.
+    def read(self, position, max_bytes):
+        """Whole records written from position on (what flush() wrote, never the
+        batch in progress): about max_bytes of them, at least one if there is
+        one. Returns ([(Record, its frame bytes)], the position past them).
+        Raises PositionLost for a position the log does not hold (a file pruned
+        or never here, an offset past its end or not at a record), LogDamaged
+        for a record that does not read."""
+        name, offset = position
+        out = []
+        while not out and [name, offset] != self.position:
+            try:
+                with open(os.path.join(self.directory, name), "rb") as f:
+                    stop = self.offset if name == self.name else os.fstat(f.fileno()).st_size
+                    if offset > stop:
+                        raise PositionLost(f"{name} holds {stop} bytes, not {offset}")
+                    if offset == stop:
+                        later = [n for n in ulog_names(self.directory) if n > name]
+                        if not later:
+                            raise PositionLost(f"{name} is not followed by another file")
+                        name, offset = later[0], 0
+                        continue
+                    f.seek(offset)
+                    buf = f.read(min(max_bytes, stop - offset))
+                    if read_record(buf, 0) is None:    # one record longer than max_bytes
+                        end = _frame_end(buf, 0)
+                        if offset + end > stop:
+                            raise LogCorrupt("a record runs past the end")
+                        buf += f.read(end - len(buf))
+            except FileNotFoundError:
+                raise PositionLost(f"no file {name}") from None
+            except LogCorrupt as err:
+                raise LogDamaged(os.path.join(self.directory, name), offset, False) from err
+            pos = 0
+            while True:
+                try:
+                    found = read_record(buf, pos)
+                except LogCorrupt as err:
+                    raise LogDamaged(os.path.join(self.directory, name), offset + pos,
+                                     False) from err
+                if found is None:
+                    break
+                out.append((found[0], buf[pos:found[1]]))
+                pos = found[1]
+            offset += pos
+        return out, [name, offset]
 
-        position: how far the store is checkpointed; older records are only
-        needed by peers that are behind, which is what `keep` is for.
+    def distance(self, position):
+        """Bytes the log holds past position (a position it holds). Raises OSError."""
+        name, offset = position
+        if name == self.name:
+            return self.offset - offset
+        later = [n for n in ulog_names(self.directory) if name < n < self.name]
+        return (os.path.getsize(os.path.join(self.directory, name)) - offset + self.offset
+                + sum(os.path.getsize(os.path.join(self.directory, n)) for n in later))
+
+    def prune(self, position, needed=None):
+        """Delete rotated files beyond `keep`, never one at or after `position`,
+        nor, while they hold no more than `retain` bytes, one at or after
+        `needed`.
+
+        position: how far the store is checkpointed. needed: the oldest
+        position a connected replica still reads (None: none); one that falls
+        behind `retain` loses its files and gets a full copy.
         """
-        old = [n for n in ulog_names(self.directory) if n < position[0]]
+        names = ulog_names(self.directory)
+        old = [n for n in names if n < position[0]]
         doomed = old[:max(0, len(old) - self.keep)]
+        if needed is not None and doomed and needed[0] <= doomed[-1]:
+            try:
+                held = sum(os.path.getsize(os.path.join(self.directory, n))
+                           for n in names if n >= needed[0])
+            except OSError:
+                held = self.retain + 1
+            if held <= self.retain:
+                doomed = [n for n in doomed if n < needed[0]]
+            else:
+                log.warning("update log %s: a replica reading %s is more than --ulog-retain "
+                            "(%d bytes) behind; pruning its files, it will get a full copy",
+                            self.directory, needed[0], self.retain)
         if not doomed:
             return
         try:
@@ -2724,6 +3172,71 @@ class UpdateLog:
         fd = os.open(os.path.join(self.directory, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
                      0o644)
         self.fd, self.name, self.offset = fd, name, os.lseek(fd, 0, os.SEEK_END)
+
+
+class MemoryBacklog:
+    """The memory engine's stand-in for the update log, for its replicas: the
+    newest records, whole batches of them, up to `limit` bytes
+    (--repl-backlog). Positions and read() are the UpdateLog's; the file
+    name is made from the start time, so a restarted server's positions
+    are new ones and its replicas get a full copy."""
+
+    def __init__(self, limit=REPL_BACKLOG_DEFAULT):
+        self.limit = limit
+        self.name = "%020d%s" % (time.time_ns() // 1000, BACKLOG_SUFFIX)
+        self.batches = collections.deque()   # (offset, bytes) of each batch kept
+        self.start = 0                       # offset of the oldest byte kept
+        self.offset = 0                      # offset past the newest
+        self.pending = []                    # frame parts of the batch in progress
+        self.last_batch = None               # (name, offset, bytes) of the last batch
+
+    @property
+    def position(self):
+        return [self.name, self.offset]
+
+    def append(self, record):
+        self.pending += record_frame(record)
+
+    def flush(self):
+        """End the batch; forget the oldest batches beyond the limit."""
+        if not self.pending:
+            return True
+        data = b"".join(self.pending)
+        self.pending.clear()
+        self.batches.append((self.offset, data))
+        self.last_batch = (self.name, self.offset, data)
+        self.offset += len(data)
+        while self.offset - self.start > self.limit and len(self.batches) > 1:
+            self.batches.popleft()
+            self.start = self.batches[0][0]
+        return True
+
+    def distance(self, position):
+        """As UpdateLog.distance."""
+        return self.offset - position[1]
+
+    def read(self, position, max_bytes):
+        """As UpdateLog.read."""
+        name, offset = position
+        if name != self.name or not self.start <= offset <= self.offset:
+            raise PositionLost(f"the memory backlog holds {self.name} offsets "
+                               f"{self.start}-{self.offset}, not {name} {offset}")
+        index = bisect.bisect_right(self.batches, (offset, b"\xff")) - 1
+        out, size = [], 0
+        while index < len(self.batches) and size < max_bytes:
+            start, data = self.batches[index]
+            pos = offset - start
+            try:
+                while pos < len(data) and size < max_bytes:
+                    record, end = read_record(data, pos)
+                    out.append((record, data[pos:end]))
+                    size += end - pos
+                    offset += end - pos
+                    pos = end
+            except (LogCorrupt, TypeError):    # not at a record: a position not from here
+                raise PositionLost(f"no record at {name} {offset}") from None
+            index += 1
+        return out, [name, offset]
 
 
 # ===== 7. Event loop and connections =========================================
@@ -3017,6 +3530,12 @@ class Connection:
             self.held = True
             self.loop.call_soon(self._release)
             self._update_events()
+
+    def stop_reading(self, stop):
+        """Stop (True) or go on reading, for flow control between connections (the
+        replication agent stops reading its source while its target is slow)."""
+        self.held = stop
+        self._update_events()
 
     def _release(self):
         self.held = False
@@ -3737,11 +4256,15 @@ class ServerConnection(ProtocolConnection):
                                      # multiget cut by the share
         self.batch_start = -1        # outbuf index of this pass's first logged write
         self.http_req = None         # the HTTP request being answered
+        self.producer = None         # what writes to the connection instead of replies
+                                     # (a replication stream): fill() when it drained
 
     def parse(self, data, start):
         """process(), noting when its replies depend on the batch the log has yet
         to take: from the start of this read if it wrote or the batch was open
         (what it reads may be undone)."""
+        if self.producer is not None:
+            return self.producer.input(data, start)
         server = self.server
         if self.batch_start >= 0 or server.ulog is None:
             return self.process(data, start)
@@ -3792,14 +4315,18 @@ class ServerConnection(ProtocolConnection):
                 if eol > 0:
                     key = buf[pos + 4:eol - 1 if buf[eol - 1] == 13 else eol]
                     if 0 < len(key) <= KEY_MAX_LENGTH and b" " not in key and b"\0" not in key:
-                        item = store_get(key)
+                        pos = eol + 1
+                        try:
+                            item = store_get(key)
+                        except ProtocolError as err:      # the store cannot be read
+                            append(err.line)
+                            continue
                         if item is None:
                             misses += 1
                         else:
                             hits += 1
                             append(item.rendered)
                         append(END)
-                        pos = eol + 1
                         continue
             framed = frame_request(buf, pos)
             if framed is None:
@@ -3826,8 +4353,9 @@ class ServerConnection(ProtocolConnection):
                 if not self.noreply:
                     self.write(err.line)
             pos = after
-            if self.continuation is not None:
-                share = 0                      # a multiget took the rest of the share
+            if self.continuation is not None or self.producer is not None:
+                share = 0                      # a multiget took the rest of the share, or
+                                               # the connection was taken over (section 10)
         else:
             self.need = 0
             if self.continuation is not None and not self.closing:
@@ -3840,6 +4368,16 @@ class ServerConnection(ProtocolConnection):
         if outbuf and not self.queued:
             self._schedule()
         return pos
+
+    def batch_kept(self):
+        """The log took this pass's batch: the replies may go."""
+        self.batch_start = -1
+
+    def resume(self):
+        if self.producer is not None:
+            self.producer.fill()
+        else:
+            super().resume()
 
     def refuse_batch(self, error):
         """The log could not take this pass's batch: answer with error (a
@@ -3857,6 +4395,8 @@ class ServerConnection(ProtocolConnection):
 
     def connection_lost(self):
         self.server.connections.discard(self)
+        if self.producer is not None:
+            self.producer.stop()
         super().connection_lost()
 
     # -- retrieval -----------------------------------------------------------
@@ -4506,7 +5046,8 @@ class Server:
 
     def __init__(self, store, ulog, listener, max_conns=MAX_CONNS_DEFAULT,
                  enable_shutdown=False, settings=None, reqs_per_event=REQS_PER_EVENT_DEFAULT,
-                 http=True, http_origins=(), http_hosts=None):
+                 http=True, http_origins=(), http_hosts=None,
+                 repl_backlog=REPL_BACKLOG_DEFAULT):
         self.store = store                   # the items
         self.ulog = ulog                     # the UpdateLog, None for the memory engine
         self.max_conns = max_conns           # -c
@@ -4527,9 +5068,14 @@ class Server:
         self.loop = listener.loop
         self.listener = listener
         self.address = listener.address
+        self.feed = ulog                     # what replicas read: the ulog or a MemoryBacklog
+        self.repl_backlog = repl_backlog     # bytes of such a MemoryBacklog
+        self.followers = []                  # the replication streams served (section 10)
+        self.links = []                      # the peers pulled from (section 10)
+        self.stat_groups = {}                # `stats <name>` -> pairs(), added by sections below
         listener.factory = self._accept
         if ulog is not None:
-            store.journal = ulog.append
+            store.journal, store.undoable = ulog.append, True
         self.loop.ready_hooks.append(self._tick)
         self.loop.pass_hooks.append(self._group_commit)
         self.loop.call_every(SWEEP_INTERVAL_SECONDS, self._sweep)
@@ -4610,7 +5156,16 @@ class Server:
         pairs = [(name, values.get(name, 0)) for name in MEMCACHED_STATS]
         if self.ulog is not None:
             pairs += [("ulog_file", self.ulog.name), ("ulog_offset", self.ulog.offset)]
+        for group in self.stat_groups.values():
+            pairs += group()
         return pairs
+
+    def start_backlog(self):
+        """The memory engine keeps its newest records for replicas from now on
+        (the first replica to ask, or --peer, starts it)."""
+        if self.feed is None:
+            self.feed = MemoryBacklog(self.repl_backlog)
+            self.store.journal = self.feed.append
 
     def settings(self):
         """(name, value) pairs of `stats settings`."""
@@ -4653,21 +5208,29 @@ class Server:
         the clients that wrote get the log's refusal instead of their replies."""
         ulog = self.ulog
         if ulog is None:
-            return
-        name = ulog.name
-        if ulog.flush():
-            self.store.commit(ulog.position)
+            if self.feed is not None:
+                self.feed.flush()
             for conn in self.batch_conns:
-                conn.batch_start = -1
-            if ulog.name != name and self.store.checkpoint_position:
-                ulog.prune(self.store.checkpoint_position)
+                conn.batch_kept()
         else:
-            try:
-                self.store.rollback()
-            finally:
+            name = ulog.name
+            if ulog.flush():
+                self.store.commit(ulog.position)
                 for conn in self.batch_conns:
-                    conn.refuse_batch(ulog.refusal)
+                    conn.batch_kept()
+                if ulog.name != name and self.store.checkpoint_position:
+                    ulog.prune(self.store.checkpoint_position, min(
+                        (f.position for f in self.followers if f.position), default=None))
+            else:
+                try:
+                    self.store.rollback()
+                finally:
+                    for conn in self.batch_conns:
+                        conn.refuse_batch(ulog.refusal)
         self.batch_conns.clear()
+        if self.followers:
+            for follower in list(self.followers):
+                follower.fill()
 
     def _tick(self):
         self.store.tick(now())
@@ -4688,10 +5251,8 @@ def recover(store, ulog, data_dir):
     reader = LogReader(ulog.directory, store.log_position)
     try:
         for record in reader.records():
-            store.now = record.ts / 1e6         # the log's clock; flushes come as records
-            store.apply(record.op, record.key, record.flags, record.exptime, record.cas,
-                        record.value)
-            ulog.last_ts = record.ts
+            store.tick(record.ts / 1e6)         # the log's clock: expiry, delayed flushes
+            store.apply(record)
             count += 1
             held += len(record.value)
             if len(store.pending) >= CHECKPOINT_ITEMS or held >= store.memory_limit:
@@ -4731,13 +5292,15 @@ def serve(host=DEFAULT_HOST, port=DEFAULT_PORT, data_dir=DEFAULT_DATA_DIR, engin
           memory_limit_mb=None, sync="everysec",
           ulog_limit=ULOG_LIMIT_DEFAULT, ulog_keep=ULOG_KEEP_DEFAULT, sid=1,
           enable_shutdown=False, reqs_per_event=REQS_PER_EVENT_DEFAULT, http=True,
-          http_origins=(), http_hosts=(), loop=None):
+          http_origins=(), http_hosts=(), tombstone_ttl=TOMBSTONE_TTL_DEFAULT,
+          ulog_retain=ULOG_RETAIN_DEFAULT, repl_backlog=REPL_BACKLOG_DEFAULT, loop=None):
     """Bind the port, open (or create) the data directory, recover. Returns a Server.
 
-    engine: one of ENGINES. item_size_max, ulog_limit: bytes. memory_limit_mb:
-    megabytes (None: MEMORY_LIMIT_MB_DEFAULT for the memory engine, else
-    READ_CACHE_MB_DEFAULT). sync: one of SYNC_MODES. sid: this server's id in the ulog.
-    http_hosts: Host names allowed besides the listen address and localhost
+    engine: one of ENGINES. item_size_max, ulog_limit, ulog_retain,
+    repl_backlog: bytes. memory_limit_mb: megabytes (None:
+    MEMORY_LIMIT_MB_DEFAULT for the memory engine, else
+    READ_CACHE_MB_DEFAULT). sync: one of SYNC_MODES. sid: this server's id,
+    in the stamps of its changes. tombstone_ttl: seconds. http_hosts: Host names allowed besides the listen address and localhost
     when listening on loopback. loop: an EventLoop to share (a new one if
     None). Raises ConfigError for a missing dbm module, a data directory that
     cannot be used (another engine's, damaged: the message says what to
@@ -4752,11 +5315,12 @@ def serve(host=DEFAULT_HOST, port=DEFAULT_PORT, data_dir=DEFAULT_DATA_DIR, engin
     prepare_data_dir(data_dir, engine)
     ulog = None
     if engine != "memory":
-        ulog = UpdateLog(os.path.join(data_dir, "ulog"), sid=sid, sync=sync,
-                         limit=ulog_limit, keep=ulog_keep)
+        ulog = UpdateLog(os.path.join(data_dir, "ulog"), sync=sync, limit=ulog_limit,
+                         keep=ulog_keep, retain=ulog_retain)
     try:
         store = Store(open_engine(engine, data_dir, memory_limit_mb << 20),
-                      memory_limit_mb << 20, item_size_max)
+                      memory_limit_mb << 20, item_size_max, sid=sid,
+                      tombstone_ttl=tombstone_ttl)
         count = recover(store, ulog, data_dir) if ulog is not None else 0
         store.start_writer()
     except BaseException:
@@ -4768,9 +5332,10 @@ def serve(host=DEFAULT_HOST, port=DEFAULT_PORT, data_dir=DEFAULT_DATA_DIR, engin
     if ipaddress.ip_address(listener.address[0]).is_loopback or http_hosts:
         hosts = {listener.address[0], f"[{listener.address[0]}]", "localhost", *http_hosts}
     settings = {"engine": engine, "sync": sync, "sid": sid, "ulog_limit": ulog_limit,
+                "tombstone_ttl": tombstone_ttl,
                 "data_dir": os.path.abspath(data_dir) if ulog is not None else "-"}
     server = Server(store, ulog, listener, max_conns, enable_shutdown, settings,
-                    reqs_per_event, http, http_origins, hosts)
+                    reqs_per_event, http, http_origins, hosts, repl_backlog)
     server.recovered = (count, store.curr_items, time.monotonic() - started)
     return server
 
@@ -6322,7 +6887,998 @@ def placement_diff(old_configs, new_configs, keys=100000):
     return lines
 
 
-# ===== 10. Bench =============================================================
+# ===== 10. Replication =======================================================
+#
+# A replica pulls each source's log over an ordinary connection to the
+# source's port (Tokyo Tyrant's -mhost/-mport, repcached's -x). It sends one
+# line:
+#
+#     repl <replica sid> <source sid> <file> <offset>\r\n
+#
+# the last three being its rts for this source ("- - 0" when it has none).
+# The source answers one line, then frames until either side closes:
+#
+#     REPL <source sid>\r\n           the stream follows
+#     SERVER_ERROR <why>\r\n          refused (the same sid, a bad request); closed
+#
+# A record is a ulog frame (section 6), byte for byte as the source's log
+# holds it; the records whose origin is the replica (no echo) and OP_RTS
+# records are left out. Control frames go between them:
+#
+#     magic u8 0xCA, kind u8, length u32, crc32 u32 (zlib) of the body, body
+#
+#     'C'  a full copy follows (body: why, text). Until the next 'P' the
+#          records are the source's flush_all state (OP_FLUSH), live items
+#          (OP_SET) and tombstones (OP_DELETE), with their stamps, in no order.
+#     'P'  body "<file> <offset>": every record of the source's log before
+#          that position has been sent. The replica's new rts.
+#     'H'  heartbeat, every REPL_HEARTBEAT_SECONDS, struct <QQQ>: the source's
+#          time (µs), bytes of its log not yet sent, records not yet sent
+#          (estimated from the bytes while the stream catches up).
+#     'E'  body: why the source ends the stream (text); it closes after it.
+#
+# The replica applies records by the stamp rule (Store.apply_remote), which
+# journals each one it applies with its origin stamp, and after each 'P' an
+# OP_RTS record with that position: the rts is in the replica's own log with
+# the records it covers, as durable as they are under its --sync. Records
+# after the last durable 'P' come again after a reconnect, which changes
+# nothing (they are effects, and equal stamps lose). A position the source
+# no longer holds (pruned past --ulog-retain, out of the memory backlog,
+# another server's or an older log's) gets a full copy: it starts at the
+# log's end P0, sends every item, then 'P' P0 and the log from P0, so the
+# writes made during the copy arrive too. The source sends about
+# REPL_FILL_BYTES per loop pass, and only as fast as the socket drains, so
+# its clients are served meanwhile and its memory stays bounded.
+#
+# `replicate --from S --to T` is the same pull, by a process of its own: to a
+# memtool T it forwards the frames over a `rapply` connection, which answers
+# `OK <file> <offset>` for each 'P' once T's log holds what came before it,
+# and the rts goes to --rts FILE after that; to any other memcached it sends
+# set/delete/touch/flush_all with the remaining TTL, and `version` as the
+# barrier before each rts. `replicate --check A B` compares two memtools by
+# `rdigest` (digests of live items per bucket of crc32(key), then the keys
+# of the buckets that differ) and `rfetch` (a key's current Record).
+
+REPL_MAGIC = 0xCA
+REPL_FRAME = struct.Struct("<BBII")     # magic, kind, length, crc32 of the body
+REPL_HEARTBEAT = struct.Struct("<QQQ")  # source time µs, bytes behind, records behind
+REPL_COPY, REPL_POSITION, REPL_HEARTBEAT_KIND, REPL_ERROR = b"CPHE"
+REPL_CONTROL_MAX = 4096                 # a control frame's body is short
+REPL_HEARTBEAT_SECONDS = 1.0
+REPL_TIMEOUT_SECONDS = 5.0              # a link that hears nothing this long is dropped
+REPL_RETRY_MIN_SECONDS = 0.2            # reconnects back off from this
+REPL_RETRY_MAX_SECONDS = 5.0            # ... to this
+REPL_FILL_BYTES = 1 << 20               # a stream sends about this much per loop pass
+REPL_COPY_ITEMS = 500                   # a full copy or a digest reads this many per step
+REPL_RECORD_SLACK = 1024                # a record may exceed -I by its key and header
+NO_RTS = "- - 0"                        # the rts of a replica that has none
+REPL_RTS_SLACK_BYTES = 1 << 20          # with nothing applied, the rts is journaled
+                                        # once it moved this far
+DIGEST_BITS = 12                        # `replicate --check`: buckets of the first level
+DIGEST_ENTRY = struct.Struct("<IQ")     # per bucket: live items, sum of their digests
+DIGEST_KEY = struct.Struct("<QIBQH")    # per key: stamp (µs, sid), is a tombstone, digest,
+                                        # key length
+CHECK_KEYS_PER_LEAF = 64                # a differing bucket with more keys is opened further
+CHECK_PREFIXES_PER_REQUEST = 100        # prefixes (or keys) per rdigest/rfetch line
+CHECK_TIMEOUT_SECONDS = 60.0            # a digest of a large store takes a while
+
+
+def control_frame(kind, body=b""):
+    """The bytes of a control frame (see above)."""
+    return REPL_FRAME.pack(REPL_MAGIC, kind, len(body), zlib.crc32(body)) + body
+
+
+def read_frame(buf, pos, record_max):
+    """The frame of a replication stream at buf[pos:]: None while it has not all
+    arrived, else (kind, content, end): kind 0 for a record (content the
+    Record), else the control kind (content its body). Raises LogCorrupt for
+    bytes that are no frame, and for a record longer than record_max bytes,
+    so that a peer cannot make us hold more."""
+    if pos >= len(buf):
+        return None
+    if buf[pos] == ULOG_MAGIC:
+        if len(buf) - pos >= ULOG_FRAME.size and \
+                ULOG_FRAME.unpack_from(buf, pos)[1] > record_max:
+            raise LogCorrupt("a record longer than the largest item")
+        found = read_record(buf, pos)
+        return None if found is None else (0, found[0], found[1])
+    if buf[pos] != REPL_MAGIC:
+        raise LogCorrupt(f"a byte 0x{buf[pos]:02x} where a frame starts")
+    if len(buf) - pos < REPL_FRAME.size:
+        return None
+    _, kind, length, crc = REPL_FRAME.unpack_from(buf, pos)
+    if kind not in (REPL_COPY, REPL_POSITION, REPL_HEARTBEAT_KIND, REPL_ERROR) \
+            or length > REPL_CONTROL_MAX:
+        raise LogCorrupt("a bad control frame")
+    start = pos + REPL_FRAME.size
+    if start + length > len(buf):
+        return None
+    body = bytes(buf[start:start + length])
+    if zlib.crc32(body) != crc:
+        raise LogCorrupt("crc32 mismatch in a control frame")
+    return kind, body, start + length
+
+
+def parse_rts(text):
+    """(source sid or None, [file, offset] or None) of an rts "<sid> <file> <offset>"."""
+    sid, name, offset = (text or NO_RTS).split()
+    if name == "-":
+        return None, None
+    return int(sid), [name, int(offset)]
+
+
+def format_stamp(stamp):
+    """A stamp for people: `<unix seconds>.<µs>/<sid>`, `-` for none."""
+    if not stamp:
+        return "-"
+    ts = stamp >> STAMP_SID_BITS
+    return "%d.%06d/%d" % (ts // 1000000, ts % 1000000, stamp & UINT32_MASK)
+
+
+def item_record(key, item):
+    """The Record that recreates an Item (or a tombstone) on another server."""
+    if item.state & TOMBSTONE:
+        return Record(item.stamp, OP_DELETE, key, 0, 0, 0, b"")
+    return Record(item.stamp, OP_SET | (item.state & PERSISTED_STATE) << 4, key, item.flags,
+                  item.exptime, item.cas, item.value)
+
+
+def item_digest(key, item):
+    """64 bits of md5 over what two servers must agree on: key, flags, exptime, data."""
+    return int.from_bytes(hashlib.md5(b"%b %d %d %b" % (key, item.flags, item.exptime,
+                                                        item.value)).digest()[:8], "little")
+
+
+class ReplStream:
+    """The source side of one replication stream (see above): this server's log,
+    or a full copy and then the log, written to a replica's connection.
+
+    fill() sends the next part, about REPL_FILL_BYTES, unless the connection
+    is backed up (then it is called again once it drained) or a batch is
+    open (the server's group commit calls it after every batch). position:
+    where the next record is, None while copying.
+    """
+
+    def __init__(self, server, conn, replica_sid, position, why_copy):
+        self.server = server
+        self.conn = conn
+        self.replica_sid = replica_sid   # its records are not sent back
+        self.position = position         # [file, offset] in server.feed
+        self.verified = False            # a read from the replica's position worked
+        self.scan = None                 # the StoreScan of a full copy
+        self.copy_end = None             # ... and the position the log resumes at
+        self.copied = 0                  # items sent by the copy
+        self.copy_started = 0.0
+        self.records = self.bytes = 0    # records (and bytes) of the log gone past
+        self.timer = server.loop.call_later(REPL_HEARTBEAT_SECONDS, self._heartbeat)
+        server.followers.append(self)
+        conn.producer = self
+        if why_copy:
+            self._start_copy(why_copy)
+        self.fill()
+
+    def input(self, data, start):
+        """A replica sends nothing after its request: drop what comes."""
+        return len(data)
+
+    def fill(self):
+        conn = self.conn
+        if conn.closed or self.server.store.undo is not None:
+            return
+        budget = REPL_FILL_BYTES
+        while budget > 0:
+            if conn.backed_up():
+                conn.paused = True           # resume() fills again once it drained
+                return
+            sent = self._copy_step() if self.scan is not None else self._log_step()
+            if not sent:
+                return
+            budget -= sent
+        self.server.loop.call_soon(self.fill)
+
+    def stop(self):
+        """The connection closed."""
+        self.timer.cancel()
+        if self in self.server.followers:
+            self.server.followers.remove(self)
+
+    def _log_step(self):
+        """Send the records from position on (that the log has written); returns
+        the bytes sent, 0 when there were none."""
+        feed, position = self.server.feed, self.position
+        last = feed.last_batch
+        if last is not None and position == [last[0], last[1]]:
+            data, pairs, pos = last[2], [], 0      # the batch just written: no read
+            while pos < len(data):
+                record, end = read_record(data, pos)
+                pairs.append((record, data[pos:end]))
+                pos = end
+            end_position = [last[0], last[1] + len(data)]
+        elif position == feed.position:
+            return 0
+        else:
+            try:
+                pairs, end_position = feed.read(position, REPL_FILL_BYTES)
+            except (PositionLost, LogDamaged) as err:
+                if not self.verified or isinstance(err, PositionLost):
+                    self._start_copy(f"the log does not hold its position {position[0]} "
+                                     f"{position[1]}: {err}")
+                    return 1
+                log.error("replication to %s: %s; ending the stream", self.conn.addr, err)
+                self.conn.write(control_frame(REPL_ERROR, str(err).encode()))
+                self.conn.close_when_sent()
+                return 0
+        self.verified = True
+        self.position = end_position
+        if not pairs:
+            return 0
+        sid = self.replica_sid
+        frames = [frame for record, frame in pairs
+                  if record.stamp & UINT32_MASK != sid and record.op & 0x0F != OP_RTS]
+        frames.append(control_frame(REPL_POSITION, b"%s %d" % (end_position[0].encode(),
+                                                               end_position[1])))
+        self.conn.writelines(frames)
+        self.records += len(pairs)
+        size = sum(len(frame) for _, frame in pairs)
+        self.bytes += size
+        return size
+
+    def _start_copy(self, why):
+        store = self.server.store
+        self.scan = StoreScan(store)
+        self.copy_end, self.position = self.server.feed.position, None
+        self.copied, self.copy_started = 0, time.monotonic()
+        log.info("replication to %s (sid %d): a full copy, because %s", self.conn.addr,
+                 self.replica_sid, why)
+        parts = [control_frame(REPL_COPY, why.encode())]
+        if store.flush_stamp:
+            parts += record_frame(Record(store.flush_stamp, OP_FLUSH, b"", 0, 0, 0, b""))
+        if store.flush_pending:
+            stamp, deadline = store.flush_pending
+            parts += record_frame(Record(stamp, OP_FLUSH, b"", 0, deadline, 0, b""))
+        self.conn.writelines(parts)
+
+    def _copy_step(self):
+        chunk = self.scan.chunk(REPL_COPY_ITEMS)
+        if not chunk:
+            self.scan, self.position = None, self.copy_end
+            log.info("replication to %s: the full copy is sent (%d items in %.1f s)",
+                     self.conn.addr, self.copied, time.monotonic() - self.copy_started)
+            self.conn.write(control_frame(REPL_POSITION, b"%s %d" % (
+                self.position[0].encode(), self.position[1])))
+            return 1
+        parts = []
+        for key, item in chunk:
+            parts += record_frame(item_record(key, item))
+        self.copied += len(chunk)
+        self.conn.writelines(parts)
+        return sum(map(len, parts))
+
+    def _heartbeat(self):
+        self.timer = self.server.loop.call_later(REPL_HEARTBEAT_SECONDS, self._heartbeat)
+        if self.conn.closed or self.conn.backed_up():
+            return
+        behind = 0
+        if self.position is not None:
+            try:
+                behind = self.server.feed.distance(self.position)
+            except OSError:
+                behind = 0
+        average = self.bytes / self.records if self.records else 100
+        self.conn.write(control_frame(REPL_HEARTBEAT_KIND, REPL_HEARTBEAT.pack(
+            time.time_ns() // 1000, behind, round(behind / average))))
+
+
+def _ignore(buf, pos=0):
+    return len(buf)
+
+
+def cmd_repl(conn, tokens):
+    """`repl <replica sid> <source sid> <file> <offset>`: this connection becomes a
+    ReplStream (the section's comment). The same sid on both sides is refused."""
+    server, store = conn.server, conn.server.store
+    try:
+        if len(tokens) != 5:
+            raise ValueError
+        replica_sid = int(tokens[1])
+        rts_sid, position = parse_rts(b" ".join(tokens[2:]).decode())
+        if not 0 <= replica_sid <= UINT32_MASK:
+            raise ValueError
+    except (ValueError, UnicodeError):
+        raise ClientError(b"usage: repl <replica sid> <source sid> <file> <offset>") from None
+    if replica_sid == store.sid:
+        log.error("replication: %s asks for our log with our own sid %d; refusing (give each "
+                  "server its own --sid)", conn.addr, store.sid)
+        conn.write(b"SERVER_ERROR replica has the same sid %d as this server\r\n" % store.sid)
+        conn.close_when_sent()
+        return
+    server.start_backlog()
+    why = None
+    if position is None:
+        why = "it has no position"
+    elif rts_sid != store.sid:
+        why = f"its position is in the log of sid {rts_sid}, not ours ({store.sid})"
+    conn.write(b"REPL %d\r\n" % store.sid)
+    ReplStream(server, conn, replica_sid, position, why)
+
+
+class RapplyInput:
+    """`rapply`: this connection brings a replication stream from `replicate`
+    (frames as a source sends them) into the store; each 'P' is answered
+    `OK <file> <offset>` once the log holds the records before it (the
+    server's group commit holds replies until then)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.store = conn.server.store
+        self.record_max = conn.server.item_size_max + REPL_RECORD_SLACK
+
+    def process(self, buf, pos=0):
+        conn = self.conn
+        try:
+            while True:
+                found = read_frame(buf, pos, self.record_max)
+                if found is None:
+                    return pos
+                kind, content, pos = found
+                if not kind:
+                    self.store.apply_remote(content)
+                elif kind == REPL_POSITION:
+                    conn.write(b"OK %b\r\n" % content)
+        except LogCorrupt as err:
+            conn.write(b"SERVER_ERROR %s\r\n" % str(err).encode())
+        except ProtocolError as err:         # the log refuses writes
+            conn.write(err.line)
+        conn.close_when_sent()
+        return len(buf)
+
+
+def cmd_rapply(conn, tokens):
+    """`rapply`: see RapplyInput; answers `RAPPLY <sid>` first."""
+    conn.write(b"RAPPLY %d\r\n" % conn.server.store.sid)
+    conn.process = RapplyInput(conn).process
+
+
+class DigestJob:
+    """`rdigest <bits> <prefix>...` and `rdigest keys <prefix>...`: what
+    `replicate --check` compares, computed a StoreScan chunk per loop pass.
+
+    A prefix is `<length>:<value>`: the keys whose crc32 starts with those
+    bits (`0:0`: all). The first form answers, for each prefix, 2**bits
+    DIGEST_ENTRY (live items, sum of their item_digest mod 2**64) of its
+    sub-buckets; the second, a DIGEST_KEY and the key for each item and
+    tombstone in the prefixes. Either as one `VALUE digest 0 <n>` block
+    then END.
+    """
+
+    def __init__(self, conn, bits, prefixes):
+        self.conn = conn
+        self.bits = bits                     # None: list keys
+        self.prefixes = prefixes             # [(length, value)]
+        self.scan = StoreScan(conn.server.store)
+        self.entries = [0] * (2 ** bits * 2 * len(prefixes)) if bits is not None else None
+        self.keys = []
+        conn.producer = self
+        conn.server.loop.call_soon(self.fill)
+
+    def input(self, data, start):
+        """The requests after this one wait until it is answered."""
+        self.conn.paused = True
+        return start
+
+    def fill(self):
+        conn = self.conn
+        if conn.closed or conn.producer is not self:
+            return
+        try:
+            chunk = self.scan.chunk(REPL_COPY_ITEMS)
+        except ProtocolError as err:          # the store cannot be read
+            self._answer(err.line)
+            return
+        for key, item in chunk:
+            index = self._bucket(zlib.crc32(key))
+            if index is None:
+                continue
+            tombstone = bool(item.state & TOMBSTONE)
+            digest = 0 if tombstone else item_digest(key, item)
+            if self.entries is None:
+                self.keys.append(DIGEST_KEY.pack(item.stamp >> STAMP_SID_BITS,
+                                                 item.stamp & UINT32_MASK, tombstone, digest,
+                                                 len(key)) + key)
+            elif not tombstone:
+                self.entries[2 * index] += 1
+                self.entries[2 * index + 1] = (self.entries[2 * index + 1] + digest) & UINT64_MASK
+        if chunk:
+            conn.server.loop.call_soon(self.fill)
+            return
+        if self.entries is None:
+            data = b"".join(self.keys)
+        else:
+            data = b"".join(DIGEST_ENTRY.pack(self.entries[i], self.entries[i + 1])
+                            for i in range(0, len(self.entries), 2))
+        self._answer(b"VALUE digest 0 %d\r\n%b\r\nEND\r\n" % (len(data), data))
+
+    def _answer(self, reply):
+        """Send the reply; the requests after this one are parsed again."""
+        conn = self.conn
+        conn.write(reply)
+        conn.producer = None
+        conn.paused = False
+        conn.resume()
+
+    def stop(self):
+        """The connection closed."""
+
+    def _bucket(self, h):
+        """Index of h's bucket among the answer's entries, None if in no prefix."""
+        for number, (length, value) in enumerate(self.prefixes):
+            if length == 0 or h >> (32 - length) == value:
+                if self.bits is None:
+                    return number
+                return number << self.bits | (h >> (32 - length - self.bits)
+                                              & ((1 << self.bits) - 1))
+        return None
+
+
+def cmd_rdigest(conn, tokens):
+    """`rdigest <bits>|keys <length>:<value>...`: see DigestJob."""
+    try:
+        bits = None if tokens[1] == b"keys" else int(tokens[1])
+        prefixes = [tuple(int(n) for n in t.split(b":")) for t in tokens[2:]]
+        if not prefixes or (bits is not None and not 0 <= bits <= 16) or any(
+                len(p) != 2 or not 0 <= p[0] <= 32 - (bits or 0) or not 0 <= p[1] < 2 ** p[0]
+                for p in prefixes):
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ClientError(b"usage: rdigest <bits>|keys <length>:<value>...") from None
+    DigestJob(conn, bits, prefixes)
+
+
+def cmd_rfetch(conn, tokens):
+    """`rfetch <key>...`: a `VALUE <key> 0 <n>` block per key the store holds (an item
+    or a tombstone), its data the key's Record as a ulog frame; then END."""
+    store = conn.server.store
+    out = []
+    for key in tokens[1:]:
+        stamp = store.stamp_of(key)
+        item = store.get(key, False)
+        if item is not None:
+            frame = b"".join(record_frame(item_record(key, item)))
+        elif stamp:
+            frame = b"".join(record_frame(Record(stamp, OP_DELETE, key, 0, 0, 0, b"")))
+        else:
+            continue
+        out += (b"VALUE %b 0 %d\r\n" % (key, len(frame)), frame, CRLF)
+    out.append(END)
+    conn.writelines(out)
+
+
+REPL_HANDLERS = {b"repl": cmd_repl, b"rapply": cmd_rapply, b"rdigest": cmd_rdigest,
+                 b"rfetch": cmd_rfetch}
+HANDLERS.update(REPL_HANDLERS)
+COMMANDS.update((name, CommandSpec(name, 0, BLOCK_NONE, REPLY_LINE, ROUTE_LOCAL, False))
+                for name in REPL_HANDLERS)
+
+
+class _LinkConnection(Upstream):
+    """The connection of a SourceLink: bytes go to the link, not to replies."""
+
+    def __init__(self, link, address):
+        super().__init__(link.loop, address, None, connect_timeout=REPL_TIMEOUT_SECONDS)
+        self.link = link
+
+    def data_received(self, data):
+        self.link.received(data)
+
+    def connection_lost(self):
+        super().connection_lost()
+        self.link.lost(self, self.error or "the source closed the connection")
+
+
+class SourceLink:
+    """The pulling side of a replication stream: connects to a source, asks for
+    its log from the rts, checks the greeting, splits what comes into frames
+    (frame() takes each), and when anything goes wrong (a refused connect, a
+    bad frame, no heartbeat for REPL_TIMEOUT_SECONDS) logs why, drops the
+    connection and tries again with backoff. Subclasses give sid (this
+    side's), rts() (the request's "<sid> <file> <offset>") and frame(kind,
+    content, start, end): each record and control frame but heartbeats, at
+    self.buf[start:end].
+
+    state: connecting, copying, streaming or down; stats() the `stats` lines.
+    """
+
+    def __init__(self, loop, host, port):
+        self.loop = loop
+        self.host, self.port = host, port
+        self.name = f"{host}:{port}"
+        self.state = "down"
+        self.conn = None
+        self.greeted = False
+        self.buf = bytearray()
+        self.source_sid = None
+        self.retry = REPL_RETRY_MIN_SECONDS
+        self.reason = None               # why the link last failed (logged once)
+        self.heard = time.monotonic()
+        self.applied = 0                 # records applied
+        self.bytes_behind = self.lag_records = 0
+        self.lag_seconds = 0.0
+        self.last_ts = 0                 # ts of the newest record received
+        self.copied = 0                  # records of the current full copy
+        self.record_max = ITEM_SIZE_MAX_DEFAULT + REPL_RECORD_SLACK
+        loop.call_every(REPL_HEARTBEAT_SECONDS, self._watch)
+
+    def connect(self):
+        self.state, self.greeted = "connecting", False
+        self.buf.clear()
+        self.heard = time.monotonic()
+        try:
+            address = resolve(self.host, self.port)
+        except ConfigError as err:
+            self.conn = None
+            self._failed(str(err))
+            return
+        self.conn = _LinkConnection(self, address)
+        self.conn.write(b"repl %d %s\r\n" % (self.sid, self.rts().encode()))
+
+    def received(self, data):
+        self.heard = time.monotonic()
+        buf = self.buf
+        buf += data
+        pos = 0
+        try:
+            if not self.greeted:
+                eol = buf.find(b"\n")
+                if eol < 0:
+                    if len(buf) > REPLY_LINE_MAX_BYTES:
+                        raise LogCorrupt("no greeting line")
+                    return
+                self._greet(bytes(buf[:eol]).rstrip(b"\r"))
+                pos = eol + 1
+            while True:
+                found = read_frame(buf, pos, self.record_max)
+                if found is None:
+                    break
+                kind, content, end = found
+                start, pos = pos, end
+                if not kind:
+                    self.last_ts = content.ts
+                elif kind == REPL_HEARTBEAT_KIND:
+                    now_us, self.bytes_behind, self.lag_records = REPL_HEARTBEAT.unpack(content)
+                    self.lag_seconds = max(0, now_us - self.last_ts) / 1e6 \
+                        if self.bytes_behind else 0.0
+                    continue
+                elif kind == REPL_ERROR:
+                    raise LogCorrupt("the source ends the stream: " +
+                                     content.decode("utf-8", "replace"))
+                elif kind == REPL_COPY:
+                    self.state, self.copied = "copying", 0
+                    log.info("replication from %s: a full copy begins (%s)", self.name,
+                             content.decode("utf-8", "replace"))
+                elif self.state == "copying":
+                    log.info("replication from %s: the full copy is in (%d records)",
+                             self.name, self.copied)
+                    self.state = "streaming"
+                self.frame(kind, content, start, end)
+                if self.conn is None or self.conn.closed:
+                    return
+        except (LogCorrupt, ProtocolError) as err:
+            del buf[:]
+            self.drop(str(err))
+            return
+        del buf[:pos]
+
+    def drop(self, why):
+        """Give up this connection (and reconnect later)."""
+        if self.conn is not None and not self.conn.closed:
+            self.conn.fail("parse", why)
+
+    def lost(self, conn, why):
+        """The connection closed: say why (once), come back after the backoff."""
+        if conn is self.conn:
+            self.conn = None
+            self._failed(why)
+
+    def stats(self):
+        prefix = f"repl:{self.name}:"
+        return [(prefix + "state", self.state), (prefix + "applied", self.applied),
+                (prefix + "lag_records", self.lag_records),
+                (prefix + "lag_seconds", "%.3f" % self.lag_seconds),
+                (prefix + "bytes_behind", self.bytes_behind)]
+
+    def _greet(self, line):
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == b"REPL" and parts[1].isdigit():
+            self.source_sid = int(parts[1])
+            if self.source_sid == self.sid:
+                raise LogCorrupt(f"the source has our sid {self.sid}; give each server its "
+                                 f"own --sid")
+        elif line.startswith(b"SERVER_ERROR "):
+            raise LogCorrupt("the source refuses: " + line[13:].decode("utf-8", "replace"))
+        else:
+            raise LogCorrupt(f"not a memtool with replication (it answers {line[:60]!r})")
+        self.greeted = True
+        self.state = "streaming"
+        if self.reason is not None:
+            log.warning("replication from %s: connected again", self.name)
+        self.reason = None
+        self.retry = REPL_RETRY_MIN_SECONDS
+
+    def _failed(self, why):
+        self.state = "down"
+        if why != self.reason:
+            log.warning("replication from %s: %s; retrying", self.name, why)
+            self.reason = why
+        self.loop.call_later(self.retry, self.connect)
+        self.retry = min(self.retry * 2, REPL_RETRY_MAX_SECONDS)
+
+    def _watch(self):
+        conn = self.conn
+        if conn is not None and not conn.closed and \
+                time.monotonic() - self.heard > REPL_TIMEOUT_SECONDS:
+            conn.fail("timeout", f"nothing heard for {REPL_TIMEOUT_SECONDS:g} s")
+
+
+class PeerLink(SourceLink):
+    """`serve --peer HOST:PORT`: this server pulls that source's log into its store
+    by the stamp rule; its rts is journaled (Store.note_rts) under the name
+    host:port, with the source's sid to tell its log from another's."""
+
+    def __init__(self, server, host, port):
+        super().__init__(server.loop, host, port)
+        self.server = server
+        self.store = server.store
+        self.record_max = server.item_size_max + REPL_RECORD_SLACK
+        self.batch_start = -1        # tracked in the server's open batch
+        self.applied_since = False   # records applied since the rts was journaled
+        self.connect()
+
+    @property
+    def sid(self):
+        return self.store.sid
+
+    def rts(self):
+        return self.store.rts.get(self.name, NO_RTS)
+
+    def frame(self, kind, content, start, end):
+        store = self.store
+        if not kind:
+            if self.batch_start < 0 and store.undoable:
+                self.server.track_batch(self, 0)
+            if store.apply_remote(content):
+                self.applied += 1
+                self.applied_since = True
+            if self.state == "copying":
+                self.copied += 1
+        elif kind == REPL_POSITION:
+            rts = f"{self.source_sid} {content.decode()}"
+            if self.applied_since or self._far(rts):
+                if self.batch_start < 0 and store.undoable:
+                    self.server.track_batch(self, 0)
+                store.note_rts(self.name, rts)
+                self.applied_since = False
+
+    def _far(self, rts):
+        """Is rts far enough past the one journaled to be worth a record, with
+        no record applied since? (Two peers would otherwise log each other's
+        rts records back and forth.)"""
+        old_sid, old = parse_rts(self.store.rts.get(self.name))
+        new_sid, new = parse_rts(rts)
+        return old is None or old_sid != new_sid or old[0] != new[0] or \
+            new[1] - old[1] >= REPL_RTS_SLACK_BYTES
+
+    def batch_kept(self):
+        self.batch_start = -1
+
+    def refuse_batch(self, error):
+        """The log could not take what was applied: the store rolled it back
+        (the rts too), so ask again from there."""
+        self.batch_start = -1
+        self.drop(f"our log cannot take the records ({error.why.decode()})")
+
+
+def repl_stats(server):
+    """The `stats repl` lines: this server's role and each peer's link."""
+    role = "+".join(name for name, present in (("source", server.followers),
+                                                 ("replica", server.links)) if present)
+    pairs = [("repl_role", role or "none"), ("repl_replicas", len(server.followers))]
+    for link in server.links:
+        pairs += link.stats()
+    return pairs
+
+
+def start_peers(server, peers):
+    """Pull from each `host:port` of peers (serve --peer); `stats repl` from now on."""
+    server.stat_groups["repl"] = lambda: repl_stats(server)
+    if peers:
+        server.start_backlog()
+    for text in peers:
+        server.links.append(PeerLink(server, *parse_address(text)))
+
+
+class _TargetConnection(Upstream):
+    """The agent's connection to its target: when its replies back up, the
+    source is not read until they drain."""
+
+    def __init__(self, agent, address):
+        super().__init__(agent.loop, address, agent.target_reply,
+                         connect_timeout=REPL_TIMEOUT_SECONDS, timeout=REPL_TIMEOUT_SECONDS * 6)
+        self.agent = agent
+
+    def resume(self):
+        self.agent.target_drained()
+
+    def connection_lost(self):
+        super().connection_lost()
+        self.agent.target_lost(self.error or "the target closed the connection")
+
+
+class ReplicateAgent(SourceLink):
+    """`memtool.py replicate --from SOURCE --to TARGET [--rts FILE]`: pulls SOURCE's
+    log (a full copy first when needed) and applies it to TARGET: a memtool
+    through `rapply` (records keep their stamps, as with --peer), any other
+    memcached as set/delete/touch/flush_all with the remaining TTL. The rts
+    is written to FILE (atomically, fsynced) once the target has applied
+    what it covers: after a restart nothing is skipped. Runs until stopped.
+    """
+
+    def __init__(self, loop, source, target, rts_path=None):
+        super().__init__(loop, *source)
+        self.target_address = target         # (host, port)
+        self.target_name = f"{target[0]}:{target[1]}"
+        self.rts_path = rts_path
+        self.current = NO_RTS                 # the rts the target has applied
+        if rts_path is not None and os.path.exists(rts_path):
+            with open(rts_path) as f:
+                self.current = f.read().strip() or NO_RTS
+            parse_rts(self.current)           # a file that does not parse stops the start
+        self.target = None                    # its _TargetConnection
+        self.target_sid = None                # None: a plain memcached
+        self.connect_target()
+
+    @property
+    def sid(self):
+        return self.target_sid or 0
+
+    def rts(self):
+        return self.current
+
+    def connect_target(self):
+        try:
+            address = resolve(*self.target_address)
+        except ConfigError as err:
+            self.target_lost(str(err))
+            return
+        self.target = _TargetConnection(self, address)
+        self.target.send(b"rapply\r\n", REPLY_LINE, "hello")
+
+    def target_reply(self, context, status, hits, raw):
+        if status is None:
+            return                            # target_lost() follows
+        if context == "hello":
+            if status.startswith(b"RAPPLY ") and status[7:].isdigit():
+                self.target_sid = int(status[7:])
+            elif status == b"ERROR":
+                self.target_sid = None        # not a memtool: plain commands
+            else:
+                self.target.fail("parse", f"unexpected greeting {status[:60]!r}")
+                return
+            log.info("replicate: %s -> %s (%s)", self.name, self.target_name,
+                     "a memtool, sid %d" % self.target_sid if self.target_sid
+                     else "a memcached")
+            self.connect()
+        elif status.startswith(b"OK ") or status.startswith(b"VERSION"):
+            self._save(context)
+        else:
+            self.target.fail("parse", f"the target answers {status[:80]!r}")
+
+    def target_drained(self):
+        if self.conn is not None and not self.conn.closed:
+            self.conn.stop_reading(False)
+
+    def target_lost(self, why):
+        log.warning("replicate: the target %s: %s; retrying", self.target_name, why)
+        self.target = None
+        if self.conn is not None:
+            self.drop("the target is down")
+        self.loop.call_later(REPL_RETRY_MAX_SECONDS, self.connect_target)
+
+    def connect(self):
+        if self.target is not None and self.target.connected:
+            super().connect()
+
+    def _failed(self, why):
+        if self.target is None:
+            self.state = "down"               # connect_target() reconnects both
+            return
+        super()._failed(why)
+
+    def received(self, data):
+        super().received(data)
+        target = self.target
+        if target is not None and target.backed_up() and self.conn is not None:
+            target.paused = True              # target_drained() reads on
+            self.conn.stop_reading(True)
+
+    def frame(self, kind, content, start, end):
+        target = self.target
+        if target is None or kind == REPL_COPY:
+            return
+        if not kind:
+            self.applied += 1
+            if self.state == "copying":
+                self.copied += 1
+            target.send(bytes(self.buf[start:end]) if self.target_sid else
+                        memcached_command(content, now()), None)
+        else:                                 # 'P': the target says when it has all before
+            rts = f"{self.source_sid} {content.decode()}"
+            target.send(bytes(self.buf[start:end]) if self.target_sid else b"version\r\n",
+                        REPLY_LINE, rts)
+
+    def _save(self, rts):
+        self.current = rts
+        if self.rts_path is None:
+            return
+        tmp = self.rts_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(rts + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.rts_path)
+        fd = os.open(os.path.dirname(os.path.abspath(self.rts_path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+
+def memcached_command(record, now_s):
+    """The memcached text command (noreply) that has a plain memcached do what
+    record did: exptimes become the remaining TTL (absolute past 30 days);
+    a record already expired becomes a delete. Keys that are not text go
+    as meta commands with base64 keys."""
+    op, key = record.op & 0x0F, record.key
+    binary = bool(record.op >> 4 & KEY_BINARY) or TEXT_KEY_UNSAFE.search(key) is not None
+    if op == OP_FLUSH:
+        delay = record.exptime - int(now_s) if record.exptime else 0
+        return b"flush_all %d noreply\r\n" % max(delay, 0)
+    ttl = 0
+    if record.exptime:
+        ttl = record.exptime - int(now_s)
+        if ttl <= 0:
+            op = OP_DELETE
+        elif ttl > REALTIME_MAXDELTA:
+            ttl = record.exptime
+    if binary:
+        key = binascii.b2a_base64(key, newline=False)
+        if op == OP_SET:
+            return b"ms %b %d b F%d T%d q\r\n%b\r\n" % (key, len(record.value), record.flags,
+                                                        ttl, record.value)
+        return b"md %b b q\r\n" % key if op == OP_DELETE else b"mg %b b T%d q\r\n" % (key, ttl)
+    if op == OP_SET:
+        return b"set %b %d %d %d noreply\r\n%b\r\n" % (key, record.flags, ttl,
+                                                       len(record.value), record.value)
+    if op == OP_DELETE:
+        return b"delete %b noreply\r\n" % key
+    return b"touch %b %d noreply\r\n" % (key, ttl)
+
+
+class CheckClient:
+    """A blocking connection for `replicate --check`, a short command-line run."""
+
+    def __init__(self, text):
+        self.name = text
+        self.sock = socket.create_connection(parse_address(text), timeout=CHECK_TIMEOUT_SECONDS)
+        self.buf = b""
+
+    def call(self, request, expect):
+        """Send request, return (status, [(key, data)]) of its reply (read_reply)."""
+        self.sock.sendall(request)
+        while True:
+            reply = read_reply(self.buf, 0, expect)
+            if reply is not None:
+                end, status, hits = reply
+                found = [(key, data) for key, _, data, _, _ in hits]
+                self.buf = self.buf[end:]
+                if status.startswith(ERROR_PREFIXES):
+                    raise BadReply(f"{self.name} answers {status.decode(errors='replace')}")
+                return status, found
+            data = self.sock.recv(RECV_BYTES)
+            if not data:
+                raise BadReply(f"{self.name} closed the connection")
+            self.buf += data
+
+    def digests(self, bits, prefixes):
+        """rdigest: per prefix, per sub-bucket (items, digest sum)."""
+        out = []
+        for i in range(0, len(prefixes), CHECK_PREFIXES_PER_REQUEST):
+            chunk = prefixes[i:i + CHECK_PREFIXES_PER_REQUEST]
+            line = b"rdigest %s %s\r\n" % (b"keys" if bits is None else b"%d" % bits,
+                                            b" ".join(b"%d:%d" % p for p in chunk))
+            out.append(self.call(line, REPLY_VALUES)[1][0][1])
+        return b"".join(out)
+
+    def keys(self, prefixes):
+        """{key: (stamp, is a tombstone, digest)} of the items and tombstones in prefixes."""
+        data, pos, found = self.digests(None, prefixes), 0, {}
+        while pos < len(data):
+            ts, sid, tombstone, digest, length = DIGEST_KEY.unpack_from(data, pos)
+            pos += DIGEST_KEY.size
+            found[data[pos:pos + length]] = (ts << STAMP_SID_BITS | sid, bool(tombstone), digest)
+            pos += length
+        return found
+
+
+def check_pair(a, b, repair=False, report=print):
+    """`replicate --check A B [--repair]`: compare two memtools (`host:port`) by
+    digests, Merkle-style: DIGEST_BITS buckets of crc32(key), then only the
+    buckets that differ, opened further while they hold many keys, then
+    their keys. Reports each differing key with both sides' stamps; with
+    repair, sends each the winning version (by the stamp rule) to the other
+    side and compares again. Returns the number of differing keys (0:
+    identical). Raises OSError, BadReply when a server cannot be asked."""
+    clients = [CheckClient(a), CheckClient(b)]
+    prefixes, bits, leaves = [(0, 0)], DIGEST_BITS, []
+    while prefixes:
+        sides = [c.digests(bits, prefixes) for c in clients]
+        deeper = []
+        for n, (length, value) in enumerate(prefixes):
+            for j in range(1 << bits):
+                at = (n << bits | j) * DIGEST_ENTRY.size
+                entries = [DIGEST_ENTRY.unpack_from(side, at) for side in sides]
+                if entries[0] == entries[1]:
+                    continue
+                child = (length + bits, value << bits | j)
+                if max(e[0] for e in entries) > CHECK_KEYS_PER_LEAF and child[0] + 8 <= 32:
+                    deeper.append(child)
+                else:
+                    leaves.append(child)
+        prefixes, bits = deeper, 8
+    found = [c.keys(leaves) for c in clients] if leaves else [{}, {}]
+    differ = []
+    for key in sorted(set(found[0]) | set(found[1])):
+        facts = [side.get(key, (0, True, 0)) for side in found]
+        live = [None if tombstone else digest for _, tombstone, digest in facts]
+        if live[0] != live[1]:
+            differ.append((key, facts))
+    for key, facts in differ:
+        report("%s  %s: %s %s  %s: %s %s" % (
+            key.decode("utf-8", "backslashreplace"),
+            *(x for (stamp, tombstone, _), name in zip(facts, (a, b))
+              for x in (name, format_stamp(stamp), "deleted" if stamp and tombstone
+                        else "absent" if tombstone else "live"))))
+    report(f"{len(differ)} key(s) differ" if differ else "identical")
+    if repair and differ:
+        _repair(clients, differ, report)
+        return check_pair(a, b, False, report)
+    return len(differ)
+
+
+def _repair(clients, differ, report):
+    """Send each differing key's winning version to the side that lost."""
+    moves = ([], [])                     # keys to copy from side 0 to 1, from 1 to 0
+    for key, facts in differ:
+        if facts[0][0] != facts[1][0]:
+            moves[0 if facts[0][0] > facts[1][0] else 1].append(key)
+        else:
+            report(f"{key!r}: the same stamp on both sides; not repaired")
+    for winner, keys in enumerate(moves):
+        frames = []
+        for i in range(0, len(keys), CHECK_PREFIXES_PER_REQUEST):
+            frames += [data for _, data in clients[winner].call(
+                b"rfetch %s\r\n" % b" ".join(keys[i:i + CHECK_PREFIXES_PER_REQUEST]),
+                REPLY_VALUES)[1]]
+        if frames:
+            loser = clients[1 - winner]
+            loser.call(b"rapply\r\n", REPLY_LINE)
+            loser.call(b"".join(frames) + control_frame(REPL_POSITION, b"- 0"), REPLY_LINE)
+            report(f"repaired {len(frames)} key(s) on {loser.name}")
+            loser.sock.close()
+            clients[1 - winner] = CheckClient(loser.name)
+
+
+# ===== 11. Bench ============================================================
 #
 # A load generator in the spirit of memtier_benchmark, for any server that
 # speaks the memcached text or meta protocol. Each process runs one
@@ -6339,12 +7895,13 @@ BENCH_DEFAULTS = dict(
     key_prefix="memtier-", key_minimum=0, key_maximum=10000000, key_pattern="R", multiget=1,
     requests=10000, test_time=None, protocol="text", seed=None, processes=1,
     hash="fnv1a_64", distribution="ketama", timeout=5.0, prefill=False, verify=False,
-    vs=None, rounds=3, json=None)
+    verify_on=(), vs=None, rounds=3, json=None)
 BENCH_ERROR_KINDS = ("server_error", "client_error", "error", "parse", "disconnect",
                      "timeout", "connect")
 SET_REPLIES = (b"STORED", b"NOT_STORED", b"EXISTS", b"NOT_FOUND", b"HD", b"NS", b"EX", b"NF")
 PREFILL_PIPELINE = 64
 VERIFY_BATCH_KEYS = 100
+VERIFY_RETRY_SECONDS = 0.2      # --verify-on reads what a replica lacks again after this
 
 
 class OpStats:
@@ -6514,13 +8071,17 @@ class BenchRun:
 
     def __init__(self, options, worker=0, workers=1, progress=None):
         self.loop = EventLoop()
-        self.addresses = [parse_address(s) for s in options["servers"]]
-        self.continuum = Continuum([(server_name(h, p), 1) for h, p in self.addresses],
-                                   options["hash"], options["distribution"])
+        self.continuum_hash, self.continuum_distribution = options["hash"], \
+            options["distribution"]
+        self.addresses = self.continuum = None
+        self.clients_list = []
+        self._use_servers(options["servers"])
         for name in ("clients", "pipeline", "ratio", "data_size", "data_size_range",
                      "key_minimum", "key_maximum", "key_pattern", "multiget", "requests",
-                     "test_time", "protocol", "seed", "timeout", "prefill", "verify"):
+                     "test_time", "protocol", "seed", "timeout", "prefill", "verify",
+                     "verify_on"):
             setattr(self, name, options[name])
+        self.verify = self.verify or bool(self.verify_on)
         self.prefix = options["key_prefix"].encode()
         if self.test_time:
             self.requests = 0
@@ -6530,7 +8091,7 @@ class BenchRun:
         self.sets, self.gets = OpStats(), OpStats()
         self.errors = dict.fromkeys(BENCH_ERROR_KINDS, 0)
         self.written = {} if self.verify else None   # key index -> (version, size) last stored
-        self.verified = {"checked": 0, "missing": 0, "wrong": 0}
+        self.failed = {}                # key index -> "missing" or "wrong", by a verify read
         self.prefilled = 0
         self.recording = False
         self.stopping = False
@@ -6578,20 +8139,15 @@ class BenchRun:
         self._phase(None)
         elapsed = time.perf_counter() - started
         self.recording = False
+        verified = None
         if self.verify:
-            self._phase(lambda c: [("verify", chunk, None) for chunk in self._chunks(c)],
-                        pipeline=PREFILL_PIPELINE)
-        for client in self.clients_list:
-            for conn in client.connections:
-                if conn is not None:
-                    conn.pending.clear()      # a run that ended owes no replies
-                    conn.close()
+            verified = self._verify()
+        self._close_connections()
         self.loop.close()
         if self.connect_error:
             raise BackendUnavailable(self.connect_error)
         return {"seconds": elapsed, "sets": self.sets, "gets": self.gets,
-                "errors": self.errors, "prefill": self.prefilled,
-                "verify": self.verified if self.verify else None}
+                "errors": self.errors, "prefill": self.prefilled, "verify": verified}
 
     def check(self, indexes, hits):
         """Compare the values a verify read got with what was written last."""
@@ -6599,11 +8155,46 @@ class BenchRun:
         for index in indexes:
             version, size = self.written[index]
             key = self.key(index)
-            self.verified["checked"] += 1
             if key not in found:
-                self.verified["missing"] += 1
+                self.failed[index] = "missing"
             elif found[key] != make_value(key, version, size):
-                self.verified["wrong"] += 1
+                self.failed[index] = "wrong"
+            else:
+                self.failed.pop(index, None)
+
+    def _verify(self):
+        """Read back every key written; from --verify-on servers (replicas) the
+        keys missing or wrong are read again until they catch up, for up to
+        `timeout` seconds. Returns the counts."""
+        if self.verify_on:
+            self._close_connections()
+            self._use_servers(self.verify_on)
+        keys, deadline = set(self.written), time.monotonic() + self.timeout
+        while True:
+            self._phase(lambda c: [("verify", chunk, None) for chunk in self._chunks(c, keys)],
+                        pipeline=PREFILL_PIPELINE)
+            keys = set(self.failed)
+            if not (keys and self.verify_on) or time.monotonic() > deadline \
+                    or self.connect_error:
+                break
+            time.sleep(VERIFY_RETRY_SECONDS)
+        kinds = list(self.failed.values())
+        return {"checked": len(self.written), "missing": kinds.count("missing"),
+                "wrong": kinds.count("wrong")}
+
+    def _use_servers(self, servers):
+        self.addresses = [parse_address(s) for s in servers]
+        self.continuum = Continuum([(server_name(h, p), 1) for h, p in self.addresses],
+                                   self.continuum_hash, self.continuum_distribution)
+        for client in self.clients_list:
+            client.connections = [None] * len(self.addresses)
+
+    def _close_connections(self):
+        for client in self.clients_list:
+            for conn in client.connections:
+                if conn is not None:
+                    conn.pending.clear()      # a phase that ended owes no replies
+                    conn.close()
 
     def client_done(self):
         self.active -= 1
@@ -6625,8 +8216,8 @@ class BenchRun:
     def _own_keys(self, client):
         return range(self.key_minimum + client.number, self.key_maximum + 1, self.clients_total)
 
-    def _chunks(self, client):
-        owned = sorted(i for i in self.written if (i - self.key_minimum) % self.clients_total
+    def _chunks(self, client, keys):
+        owned = sorted(i for i in keys if (i - self.key_minimum) % self.clients_total
                        == client.number)
         return [owned[i:i + VERIFY_BATCH_KEYS] for i in range(0, len(owned), VERIFY_BATCH_KEYS)]
 
@@ -6817,7 +8408,7 @@ def format_report(report):
     return "\n".join(lines)
 
 
-# ===== 11. CLI ===============================================================
+# ===== 12. CLI ===============================================================
 
 def _size_arg(text):
     try:
@@ -6916,7 +8507,21 @@ def build_parser():
     add("--ulog-keep", type=_int_arg(0, 1 << 20), default=ULOG_KEEP_DEFAULT, metavar="N",
         help="rotated update-log files to keep (default %(default)s)")
     add("--sid", type=_int_arg(1, UINT32_MASK), default=1,
-        help="server id stamped on update-log records (default %(default)s)")
+        help="this server's id, in the stamp of every change; servers that replicate "
+             "each other need distinct ones (default %(default)s)")
+    add("--peer", action="append", default=[], type=_address_arg, metavar="HOST:PORT",
+        help="replicate from this memtool (its log, after a full copy when needed); "
+             "repeatable; two servers that --peer each other are a dual master")
+    add("--tombstone-ttl", type=_int_arg(0, 1 << 31), default=TOMBSTONE_TTL_DEFAULT,
+        metavar="SECONDS", help="how long a delete is remembered, so that an older write "
+                                "from a peer cannot bring the item back (default "
+                                "%(default)s; 0: not at all)")
+    add("--ulog-retain", type=_size_arg, default=ULOG_RETAIN_DEFAULT, metavar="SIZE",
+        help="update-log files a connected replica still needs are kept past --ulog-keep "
+             "up to this size (default 1g)")
+    add("--repl-backlog", type=_size_arg, default=REPL_BACKLOG_DEFAULT, metavar="SIZE",
+        help="--engine memory: the newest changes kept for replicas (default 64m); one "
+             "that falls further behind gets a full copy")
     add("-R", "--reqs-per-event", type=_int_arg(1, 1 << 20), default=REQS_PER_EVENT_DEFAULT,
         metavar="N", help="requests a client gets per loop pass before the others have "
                           "their turn (memcached -R; default %(default)s)")
@@ -7002,6 +8607,29 @@ def build_parser():
     add("--pid", metavar="FILE", help="write the process id to FILE")
     proxy_parser.set_defaults(func=_cmd_proxy)
 
+    repl_parser = commands.add_parser(
+        "replicate", parents=[common], help="copy one server's changes to another, or "
+                                            "compare two",
+        description="Pull a memtool's update log (a full copy first when needed) and apply "
+                    "it to another server: a memtool keeps the stamps, as `serve --peer` "
+                    "does; any other memcached gets set/delete/touch/flush_all with the "
+                    "remaining TTL. Or, with --check, compare two memtools by digests.")
+    add = repl_parser.add_argument
+    add("--from", dest="source", type=_address_arg, metavar="HOST:PORT",
+        help="the memtool whose changes are copied")
+    add("--to", dest="target", type=_address_arg, metavar="HOST:PORT",
+        help="the memtool or memcached they are applied to")
+    add("--rts", metavar="FILE",
+        help="where the position reached is kept, so that a restart resumes there "
+             "(default: none, every start copies everything)")
+    add("--check", nargs=2, type=_address_arg, metavar=("A", "B"),
+        help="compare two memtools; list the keys that differ with both stamps; exit 0 "
+             "when they are identical, 1 when not")
+    add("--repair", action="store_true",
+        help="with --check: send each differing key's winning version (the later stamp) "
+             "to the other side")
+    repl_parser.set_defaults(func=_cmd_replicate)
+
     bench_parser = commands.add_parser(
         "bench", parents=[common], help="load-test any memcached-compatible server",
         description="Drive memcached-compatible servers with a set/get workload and report "
@@ -7048,6 +8676,9 @@ def build_parser():
         help="store every key once before timing (default off)")
     add("--verify", action="store_true",
         help="afterwards, read back every key written and compare the values (default off)")
+    add("--verify-on", action="append", default=[], type=_address_arg, metavar="HOST:PORT",
+        help="verify by reading from this server instead (a replica; repeat for a pool): "
+             "what it lacks is read again until it catches up, up to --timeout")
     add("--vs", type=_address_arg, metavar="HOST:PORT",
         help="also run against this server, alternately, and report the A/B ratios")
     add("--rounds", type=_int_arg(1, 1000), default=3,
@@ -7066,7 +8697,9 @@ def _cmd_serve(args):
         server = serve(args.listen, args.port, args.data, args.engine, args.max_item_size,
                        args.max_conns, args.memory_limit, args.sync, args.ulog_limit,
                        args.ulog_keep, args.sid, args.enable_shutdown, args.reqs_per_event,
-                       args.http, args.http_allow_origin, args.http_host)
+                       args.http, args.http_allow_origin, args.http_host,
+                       args.tombstone_ttl, args.ulog_retain, args.repl_backlog)
+        start_peers(server, args.peer)
         records, items, seconds = server.recovered
         host, port = server.address
         where = "nothing kept" if args.engine == "memory" else f"data in {args.data}"
@@ -7129,6 +8762,24 @@ def _cmd_proxy(args):
     finally:
         if args.pid:
             os.remove(args.pid)
+    return 0
+
+
+def _cmd_replicate(args):
+    if args.check:
+        return 1 if check_pair(*args.check, repair=args.repair) else 0
+    if not (args.source and args.target):
+        raise ConfigError("replicate needs --from and --to (or --check A B)")
+    loop = EventLoop()
+    ReplicateAgent(loop, parse_address(args.source), parse_address(args.target), args.rts)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, loop.stop)
+    print(f"memtool {__version__}: replicating {args.source} -> {args.target}"
+          + (f", rts in {args.rts}" if args.rts else ""), flush=True)
+    try:
+        loop.run()
+    finally:
+        loop.close()
     return 0
 
 

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from support import (MEMCACHED_BIN, MEMTOOL, MemcachedServer, MemtoolServer, ProxyProcess,
-                     ServerProcess, Session, free_port, wait_for)
+                     ServerProcess, Session, free_port, free_ports, wait_for)
 
 pytestmark = pytest.mark.memtool_only
 
@@ -119,8 +119,8 @@ def test_placement_equals_nutcracker(tmp_path, procs):
                 text.append(f'  hash_tag: "{pool[3]}"')
             text += ["  servers:"] + [f"   - {s}" for s in servers]
         return "\n".join(text) + "\n"
-    nc_ports = [free_port() for _ in pools]
-    mt_ports = [free_port() for _ in pools]
+    ports = free_ports(2 * len(pools))
+    nc_ports, mt_ports = ports[:len(pools)], ports[len(pools):]
     (tmp_path / "nc.yml").write_text(conf(nc_ports))
     (tmp_path / "mt.yml").write_text(conf(mt_ports))
     procs(Nutcracker(tmp_path / "nc", tmp_path / "nc.yml", nc_ports[0]))
