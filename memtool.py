@@ -7,6 +7,10 @@ One file, standard library only, Python 3.9+. Copy it to a server and run:
     python3 memtool.py serve -p 11311 --data /var/lib/memtool --sync always
     python3 memtool.py check --data /var/lib/memtool [--fix]   # verify, repair (stopped)
     python3 memtool.py proxy -c nutcracker.yml    # shard over servers as twemproxy does
+    python3 memtool.py serve --sid 1 --peer host-b:11211   # on host-a, and on host-b
+    python3 memtool.py serve --sid 2 --peer host-a:11211   # ... a dual master
+    python3 memtool.py replicate --from host-a:11211 --to cache:11211 --rts a.rts
+    python3 memtool.py replicate --check host-a:11211 host-b:11211 [--repair]
 
 Any memcached client (pymemcache, libmemcached's memccp/memccat, telnet)
 talks to it; every change goes to an append-only update log (ulog) before it
@@ -44,8 +48,10 @@ File formats (under ``--data``):
 
     store.sqlite3   SQLite, the table of Python 3.13's dbm.sqlite3:
                     Dict(key BLOB UNIQUE NOT NULL, value BLOB NOT NULL);
-                    value = <flags u32><exptime i64><cas u64> little-endian + data
-                    (the cas field's top 2 bits: the item's stale/base64-key state)
+                    value = <flags u32><exptime i64><cas u64><stamp µs u64><stamp sid
+                    u32> little-endian + data (the cas field's top 2 bits: the item's
+                    stale/base64-key state; then a bit for "a stamp follows", rows of
+                    release 1 have none, and one for a tombstone)
     store.<engine>  the same key/value pairs in a dbm.gnu/ndbm/dumb file
     ENGINE          the engine's name: another engine is refused
     ulog/*.ulog     the update log; record format in section 6
@@ -63,8 +69,9 @@ Contents (``grep -n '^# =====' memtool.py``):
     7. Event loop and connections
     8. Server
     9. Proxy
-    10. Bench
-    11. CLI
+    10. Replication
+    11. Bench
+    12. CLI
 """
 
 import argparse
@@ -2407,8 +2414,9 @@ class Store:
             self.last_cas = cas = self.last_cas + 1
             if not stamp:
                 stamp = self.stamp_now()
-            self._journal(stamp, OP_SET | (state & PERSISTED_STATE) << 4, key, flags, exptime,
-                          cas, value)
+            if self.journal is not None:     # _journal() inline: the busiest path
+                self.journal(Record(stamp, OP_SET | (state & PERSISTED_STATE) << 4, key, flags,
+                                    exptime, cas, value))
         if self.undoable:
             self._keep(key)
         item = Item(key, flags, exptime, cas, value, state, stamp)
@@ -2802,11 +2810,12 @@ class LogReader:
     """The records of a ulog directory from a position on, read a chunk at a time.
 
     position: [file name, offset] (UpdateLog.position), or None for the start
-    of the oldest kept file; a position in a file that is gone starts at the
-    oldest file after it. records() yields each Record, with `position` just
-    past it meanwhile. It never changes a file. Raises LogDamaged where a
-    record cannot be read (its `torn` says whether it is the unfinished end
-    of the newest file that a crash leaves).
+    of the oldest kept file. read() returns the next chunk of whole records
+    (a stream reads its source's log so); records() yields them one at a
+    time, with `position` just past each meanwhile (replay). It never
+    changes a file. Raises LogDamaged where a record cannot be read (its
+    `torn` says whether it is the unfinished end of the newest file that a
+    crash leaves).
     """
 
     def __init__(self, directory, position=None):
@@ -2817,45 +2826,75 @@ class LogReader:
     def position(self):
         return [self.name, self.offset]
 
-    def records(self):
-        names = ulog_names(self.directory)
-        if self.name not in names:
-            later = [n for n in names if self.name is None or n > self.name]
-            if not later:
-                return
-            self.name, self.offset = later[0], 0
-        for name in names[names.index(self.name):]:
-            if name != self.name:
-                self.name, self.offset = name, 0
-            yield from self._read_file(name == names[-1])
+    def read(self, max_bytes, end=None):
+        """[(Record, its frame as a memoryview)]: the whole records from the
+        position on, about max_bytes of them (one at least if there is one),
+        all of one file, not past `end`; the position moves past them, [] at
+        the end.
 
-    def _read_file(self, newest):
-        path = os.path.join(self.directory, self.name)
-        with open(path, "rb") as f:
-            f.seek(self.offset)
-            buf, pos, want = b"", 0, ULOG_READ_BYTES
-            while True:
-                chunk = f.read(want)
-                buf = buf[pos:] + chunk
-                pos = 0
-                try:
-                    while True:
+        end: a writer's position (what it has written whole), for a stream
+        that follows a live log; a position the log does not hold (a file
+        pruned or never there, an offset past its end or not at a record)
+        then raises PositionLost. None: read to the ends of the files (replay),
+        and a position in a file that is gone starts at the oldest file after it.
+        """
+        while True:
+            if end is not None and self.position == end:
+                return []
+            names = ulog_names(self.directory)
+            if self.name not in names:
+                if end is not None:
+                    raise PositionLost(f"no file {self.name}")
+                later = [n for n in names if self.name is None or n > self.name]
+                if not later:
+                    return []
+                self.name, self.offset = later[0], 0
+            path = os.path.join(self.directory, self.name)
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                stop = end[1] if end is not None and end[0] == self.name else size
+                if self.offset > stop:
+                    raise PositionLost(f"{self.name} holds {stop} bytes, not {self.offset}")
+                if self.offset == stop:
+                    later = [n for n in names if n > self.name]
+                    if not later:
+                        if end is not None:
+                            raise PositionLost(f"{self.name} is not followed by another file")
+                        return []
+                    self.name, self.offset = later[0], 0
+                    continue
+                f.seek(self.offset)
+                buf = f.read(min(max_bytes, stop - self.offset))
+                out, pos = [], 0
+                while pos < len(buf):
+                    try:
                         found = read_record(buf, pos)
-                        if found is None:
-                            # the rest of a long record at once, not chunk by chunk
-                            want = max(ULOG_READ_BYTES, _frame_end(buf, pos) - len(buf))
-                            break
-                        record, end = found
-                        self.offset += end - pos
-                        pos = end
-                        yield record
-                except LogCorrupt:
-                    buf += f.read()
-                    raise LogDamaged(path, self.offset, _is_torn_tail(buf, pos, newest)) from None
-                if not chunk:
-                    if pos < len(buf):
-                        raise LogDamaged(path, self.offset, _is_torn_tail(buf, pos, newest))
-                    return
+                    except LogCorrupt:
+                        found = False
+                    if found is None and not out and self.offset + _frame_end(buf, 0) <= stop:
+                        buf += f.read(_frame_end(buf, 0) - len(buf))   # one long record
+                        continue
+                    if not found:
+                        if out:
+                            break                # the records before it first
+                        f.seek(self.offset)
+                        torn = end is None and _is_torn_tail(f.read(), 0, self.name == names[-1])
+                        raise LogDamaged(path, self.offset, torn)
+                    out.append((found[0], memoryview(buf)[pos:found[1]]))
+                    pos = found[1]
+                self.offset += pos
+                return out
+
+    def records(self):
+        """Every record from the position to the end of the files (replay)."""
+        while True:
+            chunk = self.read(ULOG_READ_BYTES)
+            if not chunk:
+                return
+            self.offset -= sum(len(frame) for _, frame in chunk)
+            for record, frame in chunk:
+                self.offset += len(frame)
+                yield record
 
 
 def scan_ulog_file(path):
@@ -2998,50 +3037,12 @@ class UpdateLog:
         return LOG_UNWRITABLE
 
     def read(self, position, max_bytes):
-        """Whole records written from position on (what flush() wrote, never the
-        batch in progress): about max_bytes of them, at least one if there is
-        one. Returns ([(Record, its frame bytes)], the position past them).
-        Raises PositionLost for a position the log does not hold (a file pruned
-        or never here, an offset past its end or not at a record), LogDamaged
-        for a record that does not read."""
-        name, offset = position
-        out = []
-        while not out and [name, offset] != self.position:
-            try:
-                with open(os.path.join(self.directory, name), "rb") as f:
-                    stop = self.offset if name == self.name else os.fstat(f.fileno()).st_size
-                    if offset > stop:
-                        raise PositionLost(f"{name} holds {stop} bytes, not {offset}")
-                    if offset == stop:
-                        later = [n for n in ulog_names(self.directory) if n > name]
-                        if not later:
-                            raise PositionLost(f"{name} is not followed by another file")
-                        name, offset = later[0], 0
-                        continue
-                    f.seek(offset)
-                    buf = f.read(min(max_bytes, stop - offset))
-                    if read_record(buf, 0) is None:    # one record longer than max_bytes
-                        end = _frame_end(buf, 0)
-                        if offset + end > stop:
-                            raise LogCorrupt("a record runs past the end")
-                        buf += f.read(end - len(buf))
-            except FileNotFoundError:
-                raise PositionLost(f"no file {name}") from None
-            except LogCorrupt as err:
-                raise LogDamaged(os.path.join(self.directory, name), offset, False) from err
-            pos = 0
-            while True:
-                try:
-                    found = read_record(buf, pos)
-                except LogCorrupt as err:
-                    raise LogDamaged(os.path.join(self.directory, name), offset + pos,
-                                     False) from err
-                if found is None:
-                    break
-                out.append((found[0], buf[pos:found[1]]))
-                pos = found[1]
-            offset += pos
-        return out, [name, offset]
+        """The records written from position on (by flush(): never the batch in
+        progress), about max_bytes of them: ([(Record, its frame)], the position
+        past them). Raises PositionLost for a position the log does not hold,
+        LogDamaged for a record that does not read (see LogReader.read)."""
+        reader = LogReader(self.directory, position)
+        return reader.read(max_bytes, self.position), reader.position
 
     def distance(self, position):
         """Bytes the log holds past position (a position it holds). Raises OSError."""
