@@ -5,7 +5,6 @@ with the reason). Every test checks, after a restart, that each write the
 server acknowledged is still there.
 """
 import os
-import signal
 import sqlite3
 import subprocess
 import sys

@@ -5,7 +5,6 @@ The protocol, differential, meta and client suites also run through the proxy
 (their `proxy-*` parameters); this module covers what only a proxy has.
 """
 import json
-import os
 import random
 import shutil
 import signal
