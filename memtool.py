@@ -7055,7 +7055,7 @@ class ReplStream:
         server.followers.append(self)
         conn.producer = self
         if why_copy:
-            self._start_copy(why_copy)
+            self._start_copy(why_copy, logging.INFO)
         self.fill()
 
     def input(self, data, start):
@@ -7103,7 +7103,7 @@ class ReplStream:
             except (PositionLost, LogDamaged) as err:
                 if not self.verified or isinstance(err, PositionLost):
                     self._start_copy(f"the log does not hold its position {position[0]} "
-                                     f"{position[1]}: {err}")
+                                     f"{position[1]}: {err}", logging.WARNING)
                     return 1
                 log.error("replication to %s: %s; ending the stream", self.conn.addr, err)
                 self.conn.write(control_frame(REPL_ERROR, str(err).encode()))
@@ -7124,13 +7124,14 @@ class ReplStream:
         self.bytes += size
         return size
 
-    def _start_copy(self, why):
+    def _start_copy(self, why, level):
+        """Begin a full copy; `level`: WARNING when a replica lost its place."""
         store = self.server.store
         self.scan = StoreScan(store)
         self.copy_end, self.position = self.server.feed.position, None
         self.copied, self.copy_started = 0, time.monotonic()
-        log.info("replication to %s (sid %d): a full copy, because %s", self.conn.addr,
-                 self.replica_sid, why)
+        log.log(level, "replication to %s (sid %d): a full copy, because %s", self.conn.addr,
+                self.replica_sid, why)
         parts = [control_frame(REPL_COPY, why.encode())]
         if store.flush_stamp:
             parts += record_frame(Record(store.flush_stamp, OP_FLUSH, b"", 0, 0, 0, b""))
@@ -7454,8 +7455,10 @@ class SourceLink:
                                      content.decode("utf-8", "replace"))
                 elif kind == REPL_COPY:
                     self.state, self.copied = "copying", 0
-                    log.info("replication from %s: a full copy begins (%s)", self.name,
-                             content.decode("utf-8", "replace"))
+                    lost = parse_rts(self.rts())[1] is not None   # it had a place
+                    log.log(logging.WARNING if lost else logging.INFO,
+                            "replication from %s: a full copy begins (%s)", self.name,
+                            content.decode("utf-8", "replace"))
                 elif self.state == "copying":
                     log.info("replication from %s: the full copy is in (%d records)",
                              self.name, self.copied)
@@ -7632,7 +7635,12 @@ class ReplicateAgent(SourceLink):
         if rts_path is not None and os.path.exists(rts_path):
             with open(rts_path) as f:
                 self.current = f.read().strip() or NO_RTS
-            parse_rts(self.current)           # a file that does not parse stops the start
+            try:
+                parse_rts(self.current)
+            except ValueError:
+                raise ConfigError(f"{rts_path}: not an rts (\"<sid> <file> <offset>\"): "
+                                  f"{self.current[:80]!r}; remove it to start with a full "
+                                  "copy") from None
         self.target = None                    # its _TargetConnection
         self.target_sid = None                # None: a plain memcached
         self.connect_target()

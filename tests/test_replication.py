@@ -353,7 +353,10 @@ def test_a_replica_past_the_retained_log_gets_a_full_copy(servers):
     b.start()
     wait_for(lambda: caught_up(b, a), CONVERGE_TIMEOUT, what="B caught up")
     converged(a, b)
-    assert b.log_text().count("a full copy begins") == 2, b.log_tail()
+    log = b.log_text()
+    assert log.count("INFO replication from 127.0.0.1:%d: a full copy begins" % a.port) == 1 \
+        and log.count("WARNING replication from 127.0.0.1:%d: a full copy begins" % a.port) == 1, \
+        b.log_tail()
     with b.session() as s:
         assert s.get(b"k7") is None and s.get(b"k4999") == b"%0100d" % 4999
 
@@ -641,6 +644,15 @@ def test_the_same_sid_is_refused_on_both_sides(servers):
     assert link_stats(a, b)["state"] != "streaming"
     with a.session() as s:
         s.set(b"still", b"serving")
+
+
+def test_replicate_refuses_an_rts_file_it_cannot_read(tmp_path):
+    rts = tmp_path / "rts"
+    rts.write_text("1 00000000000000000001.ulog\n")
+    r = run_memtool("replicate", "--from", "127.0.0.1:1", "--to", "127.0.0.1:2", "--rts", rts,
+                    timeout=20)
+    assert r.returncode == 1 and r.stderr.startswith("memtool: %s: not an rts" % rts) \
+        and "full copy" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 class FakeSource:
