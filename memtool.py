@@ -1243,8 +1243,8 @@ class Continuum:
 #                                              PERSISTED_STATE bits)
 #     OP_DELETE key                           (leaves a tombstone)
 #     OP_FLUSH  exptime=deadline (0 = at once)
-#     OP_RTS    key=source address, value="<source sid> <file> <offset>":
-#               how far this server has applied that source's log (section 10)
+#     OP_RTS    key=source address, value=its rts (section 10): how far
+#               this server has applied that source's log
 #     OP_TOUCH  key exptime                   (read in logs of the release
 #                                              before stamps; no longer written)
 #
@@ -3870,7 +3870,8 @@ HTTP_REASONS = {100: b"Continue", 200: b"OK", 201: b"Created", 400: b"Bad Reques
                 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
                 409: b"Conflict", 412: b"Precondition Failed", 413: b"Payload Too Large",
                 431: b"Request Header Fields Too Large", 501: b"Not Implemented",
-                500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+                500: b"Internal Server Error", 502: b"Bad Gateway",
+                503: b"Service Unavailable", 504: b"Gateway Timeout",
                 505: b"HTTP Version Not Supported",
                 507: b"Insufficient Storage"}
 HTTP_METHODS = (b"GET", b"HEAD", b"PUT", b"POST", b"DELETE")
@@ -5301,8 +5302,9 @@ def serve(host=DEFAULT_HOST, port=DEFAULT_PORT, data_dir=DEFAULT_DATA_DIR, engin
     repl_backlog: bytes. memory_limit_mb: megabytes (None:
     MEMORY_LIMIT_MB_DEFAULT for the memory engine, else
     READ_CACHE_MB_DEFAULT). sync: one of SYNC_MODES. sid: this server's id,
-    in the stamps of its changes. tombstone_ttl: seconds. http_hosts: Host names allowed besides the listen address and localhost
-    when listening on loopback. loop: an EventLoop to share (a new one if
+    in the stamps of its changes. tombstone_ttl: seconds. http_hosts: Host
+    names allowed besides the listen address and localhost when listening
+    on loopback. loop: an EventLoop to share (a new one if
     None). Raises ConfigError for a missing dbm module, a data directory that
     cannot be used (another engine's, damaged: the message says what to
     run) or too few file descriptors; OSError for an unusable address.
@@ -6894,9 +6896,9 @@ def placement_diff(old_configs, new_configs, keys=100000):
 # source's port (Tokyo Tyrant's -mhost/-mport, repcached's -x). It sends one
 # line:
 #
-#     repl <replica sid> <source sid> <file> <offset>\r\n
+#     repl <replica sid> <source sid> <file> <offset> [<stamp> <length>]\r\n
 #
-# the last three being its rts for this source ("- - 0" when it has none).
+# the rest being its rts for this source ("- - 0" when it has none).
 # The source answers one line, then frames until either side closes:
 #
 #     REPL <source sid>\r\n           the stream follows
@@ -6911,8 +6913,10 @@ def placement_diff(old_configs, new_configs, keys=100000):
 #     'C'  a full copy follows (body: why, text). Until the next 'P' the
 #          records are the source's flush_all state (OP_FLUSH), live items
 #          (OP_SET) and tombstones (OP_DELETE), with their stamps, in no order.
-#     'P'  body "<file> <offset>": every record of the source's log before
-#          that position has been sent. The replica's new rts.
+#     'P'  body "<file> <offset> [<stamp> <length>]": every record of the
+#          source's log before that position has been sent; the last of them
+#          has that stamp and frame length (absent after a full copy). The
+#          replica's new rts.
 #     'H'  heartbeat, every REPL_HEARTBEAT_SECONDS, struct <QQQ>: the source's
 #          time (µs), bytes of its log not yet sent, records not yet sent
 #          (estimated from the bytes while the stream catches up).
@@ -6925,7 +6929,10 @@ def placement_diff(old_configs, new_configs, keys=100000):
 # after the last durable 'P' come again after a reconnect, which changes
 # nothing (they are effects, and equal stamps lose). A position the source
 # no longer holds (pruned past --ulog-retain, out of the memory backlog,
-# another server's or an older log's) gets a full copy: it starts at the
+# another server's, or one whose last record is not there with its stamp
+# and length: a log restored from a backup, or one that lost its tail to a
+# crash, has since written other records at that offset; Tokyo Tyrant
+# would skip them) gets a full copy: it starts at the
 # log's end P0, sends every item, then 'P' P0 and the log from P0, so the
 # writes made during the copy arrive too. The source sends about
 # REPL_FILL_BYTES per loop pass, and only as fast as the socket drains, so
@@ -6933,7 +6940,7 @@ def placement_diff(old_configs, new_configs, keys=100000):
 #
 # `replicate --from S --to T` is the same pull, by a process of its own: to a
 # memtool T it forwards the frames over a `rapply` connection, which answers
-# `OK <file> <offset>` for each 'P' once T's log holds what came before it,
+# `OK <P body>` for each 'P' once T's log holds what came before it,
 # and the rts goes to --rts FILE after that; to any other memcached it sends
 # set/delete/touch/flush_all with the remaining TTL, and `version` as the
 # barrier before each rts. `replicate --check A B` compares two memtools by
@@ -7001,11 +7008,27 @@ def read_frame(buf, pos, record_max):
 
 
 def parse_rts(text):
-    """(source sid or None, [file, offset] or None) of an rts "<sid> <file> <offset>"."""
-    sid, name, offset = (text or NO_RTS).split()
+    """An rts "<sid> <file> <offset> [<stamp> <length>]" (section 10's 'P') as
+    (source sid or None, [file, offset] or None, (stamp, length) of the
+    record before the offset, or None). Raises ValueError."""
+    sid, name, offset, *last = (text or NO_RTS).split()
     if name == "-":
-        return None, None
-    return int(sid), [name, int(offset)]
+        return None, None, None
+    position = [name, int(offset)]
+    if not last:
+        return int(sid), position, None
+    stamp, length = map(int, last)
+    if not 0 < length <= position[1]:
+        raise ValueError(text)
+    return int(sid), position, (stamp, length)
+
+
+def position_body(position, last=None):
+    """A 'P' frame's body: position [file, offset]; last: the Record and frame
+    length that end there."""
+    if last is None:
+        return b"%s %d" % (position[0].encode(), position[1])
+    return b"%s %d %d %d" % (position[0].encode(), position[1], last[0].stamp, last[1])
 
 
 def format_stamp(stamp):
@@ -7040,11 +7063,12 @@ class ReplStream:
     where the next record is, None while copying.
     """
 
-    def __init__(self, server, conn, replica_sid, position, why_copy):
+    def __init__(self, server, conn, replica_sid, position, last, why_copy):
         self.server = server
         self.conn = conn
         self.replica_sid = replica_sid   # its records are not sent back
         self.position = position         # [file, offset] in server.feed
+        self.last = last                 # (stamp, length) the replica saw end there
         self.verified = False            # a read from the replica's position worked
         self.scan = None                 # the StoreScan of a full copy
         self.copy_end = None             # ... and the position the log resumes at
@@ -7087,6 +7111,12 @@ class ReplStream:
         """Send the records from position on (that the log has written); returns
         the bytes sent, 0 when there were none."""
         feed, position = self.server.feed, self.position
+        if not self.verified and self.last is not None:
+            why = self._not_there(feed, position)
+            if why:
+                self._start_copy(f"its position {position[0]} {position[1]} {why}",
+                                 logging.WARNING)
+                return 1
         last = feed.last_batch
         if last is not None and position == [last[0], last[1]]:
             data, pairs, pos = last[2], [], 0      # the batch just written: no read
@@ -7116,19 +7146,33 @@ class ReplStream:
         sid = self.replica_sid
         frames = [frame for record, frame in pairs
                   if record.stamp & UINT32_MASK != sid and record.op & 0x0F != OP_RTS]
-        frames.append(control_frame(REPL_POSITION, b"%s %d" % (end_position[0].encode(),
-                                                               end_position[1])))
+        record, frame = pairs[-1]
+        frames.append(control_frame(REPL_POSITION, position_body(
+            end_position, (record, len(frame)) if end_position[1] >= len(frame) else None)))
         self.conn.writelines(frames)
         self.records += len(pairs)
         size = sum(len(frame) for _, frame in pairs)
         self.bytes += size
         return size
 
+    def _not_there(self, feed, position):
+        """Why the record before position is not the one the replica applied
+        (None: it is): the log was restored or lost its tail and wrote others."""
+        stamp, length = self.last
+        try:
+            pairs, end = feed.read([position[0], position[1] - length], length)
+        except (PositionLost, LogDamaged) as err:
+            return f"is not in this log ({err})"
+        if not pairs or end != position or pairs[0][0].stamp != stamp:
+            return ("follows other records than it applied (this log was restored or "
+                    "lost its tail since)")
+        return None
+
     def _start_copy(self, why, level):
         """Begin a full copy; `level`: WARNING when a replica lost its place."""
         store = self.server.store
         self.scan = StoreScan(store)
-        self.copy_end, self.position = self.server.feed.position, None
+        self.copy_end, self.position, self.last = self.server.feed.position, None, None
         self.copied, self.copy_started = 0, time.monotonic()
         log.log(level, "replication to %s (sid %d): a full copy, because %s", self.conn.addr,
                 self.replica_sid, why)
@@ -7146,8 +7190,7 @@ class ReplStream:
             self.scan, self.position = None, self.copy_end
             log.info("replication to %s: the full copy is sent (%d items in %.1f s)",
                      self.conn.addr, self.copied, time.monotonic() - self.copy_started)
-            self.conn.write(control_frame(REPL_POSITION, b"%s %d" % (
-                self.position[0].encode(), self.position[1])))
+            self.conn.write(control_frame(REPL_POSITION, position_body(self.position)))
             return 1
         parts = []
         for key, item in chunk:
@@ -7176,18 +7219,19 @@ def _ignore(buf, pos=0):
 
 
 def cmd_repl(conn, tokens):
-    """`repl <replica sid> <source sid> <file> <offset>`: this connection becomes a
-    ReplStream (the section's comment). The same sid on both sides is refused."""
+    """`repl <replica sid> <rts>`: this connection becomes a ReplStream (the
+    section's comment). The same sid on both sides is refused."""
     server, store = conn.server, conn.server.store
     try:
-        if len(tokens) != 5:
+        if len(tokens) not in (5, 7):
             raise ValueError
         replica_sid = int(tokens[1])
-        rts_sid, position = parse_rts(b" ".join(tokens[2:]).decode())
+        rts_sid, position, last = parse_rts(b" ".join(tokens[2:]).decode())
         if not 0 <= replica_sid <= UINT32_MASK:
             raise ValueError
     except (ValueError, UnicodeError):
-        raise ClientError(b"usage: repl <replica sid> <source sid> <file> <offset>") from None
+        raise ClientError(b"usage: repl <replica sid> <source sid> <file> <offset> "
+                          b"[<stamp> <length>]") from None
     if replica_sid == store.sid:
         log.error("replication: %s asks for our log with our own sid %d; refusing (give each "
                   "server its own --sid)", conn.addr, store.sid)
@@ -7201,13 +7245,13 @@ def cmd_repl(conn, tokens):
     elif rts_sid != store.sid:
         why = f"its position is in the log of sid {rts_sid}, not ours ({store.sid})"
     conn.write(b"REPL %d\r\n" % store.sid)
-    ReplStream(server, conn, replica_sid, position, why)
+    ReplStream(server, conn, replica_sid, position, last, why)
 
 
 class RapplyInput:
     """`rapply`: this connection brings a replication stream from `replicate`
     (frames as a source sends them) into the store; each 'P' is answered
-    `OK <file> <offset>` once the log holds the records before it (the
+    `OK <P body>` once the log holds the records before it (the
     server's group commit holds replies until then)."""
 
     def __init__(self, conn):
@@ -7383,9 +7427,8 @@ class SourceLink:
     (frame() takes each), and when anything goes wrong (a refused connect, a
     bad frame, no heartbeat for REPL_TIMEOUT_SECONDS) logs why, drops the
     connection and tries again with backoff. Subclasses give sid (this
-    side's), rts() (the request's "<sid> <file> <offset>") and frame(kind,
-    content, start, end): each record and control frame but heartbeats, at
-    self.buf[start:end].
+    side's), rts() (the request's rts) and frame(kind, content, start, end):
+    each record and control frame but heartbeats, at self.buf[start:end].
 
     state: connecting, copying, streaming or down; stats() the `stats` lines.
     """
@@ -7566,8 +7609,8 @@ class PeerLink(SourceLink):
         """Is rts far enough past the one journaled to be worth a record, with
         no record applied since? (Two peers would otherwise log each other's
         rts records back and forth.)"""
-        old_sid, old = parse_rts(self.store.rts.get(self.name))
-        new_sid, new = parse_rts(rts)
+        old_sid, old, _ = parse_rts(self.store.rts.get(self.name))
+        new_sid, new, _ = parse_rts(rts)
         return old is None or old_sid != new_sid or old[0] != new[0] or \
             new[1] - old[1] >= REPL_RTS_SLACK_BYTES
 
@@ -7638,9 +7681,9 @@ class ReplicateAgent(SourceLink):
             try:
                 parse_rts(self.current)
             except ValueError:
-                raise ConfigError(f"{rts_path}: not an rts (\"<sid> <file> <offset>\"): "
-                                  f"{self.current[:80]!r}; remove it to start with a full "
-                                  "copy") from None
+                raise ConfigError(f"{rts_path}: not an rts (\"<sid> <file> <offset> "
+                                  f"[<stamp> <length>]\"): {self.current[:80]!r}; remove "
+                                  "it to start with a full copy") from None
         self.target = None                    # its _TargetConnection
         self.target_sid = None                # None: a plain memcached
         self.connect_target()
@@ -7881,7 +7924,8 @@ def _repair(clients, differ, report):
         if frames:
             loser = clients[1 - winner]
             loser.call(b"rapply\r\n", REPLY_LINE)
-            loser.call(b"".join(frames) + control_frame(REPL_POSITION, b"- 0"), REPLY_LINE)
+            loser.call(b"".join(frames) + control_frame(REPL_POSITION, position_body(["-", 0])),
+                       REPLY_LINE)
             report(f"repaired {len(frames)} key(s) on {loser.name}")
             loser.sock.close()
             clients[1 - winner] = CheckClient(loser.name)
@@ -8369,13 +8413,17 @@ def bench(**options):
     result = {"config": dict(options), "rounds": rounds}
     for side in sides:
         result[side] = _median_of([r for r in rounds if r["side"] == side])
-    a, b = result["a"], result["b"]
+    def ratio(*path):
+        x, y = result["a"], result["b"]
+        for name in path:
+            x, y = x[name], y[name]
+        return x / max(y, 1e-9)
     result["ratio"] = {
-        "ops_per_sec": a["totals"]["ops_per_sec"] / max(b["totals"]["ops_per_sec"], 1e-9),
-        "sets_ops_per_sec": a["sets"]["ops_per_sec"] / max(b["sets"]["ops_per_sec"], 1e-9),
-        "gets_ops_per_sec": a["gets"]["ops_per_sec"] / max(b["gets"]["ops_per_sec"], 1e-9),
-        "p50_latency": a["totals"]["latency_ms"]["p50"] / max(b["totals"]["latency_ms"]["p50"], 1e-9),
-        "p99_latency": a["totals"]["latency_ms"]["p99"] / max(b["totals"]["latency_ms"]["p99"], 1e-9)}
+        "ops_per_sec": ratio("totals", "ops_per_sec"),
+        "sets_ops_per_sec": ratio("sets", "ops_per_sec"),
+        "gets_ops_per_sec": ratio("gets", "ops_per_sec"),
+        "p50_latency": ratio("totals", "latency_ms", "p50"),
+        "p99_latency": ratio("totals", "latency_ms", "p99")}
     return result
 
 
