@@ -7095,7 +7095,10 @@ class ReplStream:
             if conn.backed_up():
                 conn.paused = True           # resume() fills again once it drained
                 return
-            sent = self._copy_step() if self.scan is not None else self._log_step()
+            if self.scan is not None:
+                self._copy_step()
+                break                        # one step per pass: the clients come first
+            sent = self._log_step()
             if not sent:
                 return
             budget -= sent
@@ -7191,13 +7194,12 @@ class ReplStream:
             log.info("replication to %s: the full copy is sent (%d items in %.1f s)",
                      self.conn.addr, self.copied, time.monotonic() - self.copy_started)
             self.conn.write(control_frame(REPL_POSITION, position_body(self.position)))
-            return 1
+            return
         parts = []
         for key, item in chunk:
             parts += record_frame(item_record(key, item))
         self.copied += len(chunk)
         self.conn.writelines(parts)
-        return sum(map(len, parts))
 
     def _heartbeat(self):
         self.timer = self.server.loop.call_later(REPL_HEARTBEAT_SECONDS, self._heartbeat)
