@@ -4106,6 +4106,29 @@ class HttpParser:
             self.conn.http_emit((HTTP_CONTINUE,))
 
 
+class HeldInput:
+    """The incomplete input (data blocks, long lines, HTTP bodies) that all the
+    clients of a Server or a Proxy hold, bounded by held_limit() bytes: a
+    connection reserves what it will buffer before reading it."""
+
+    held_bytes = 0
+
+    def reserve(self, conn, nbytes):
+        """Count nbytes held for conn, in all; False, and nothing changed, when
+        they do not fit."""
+        more = nbytes - conn.reserved
+        if more > 0 and self.held_bytes + more > self.held_limit():
+            return False
+        self.held_bytes += more
+        conn.reserved = nbytes
+        return True
+
+    def release(self, conn):
+        """conn no longer holds incomplete input."""
+        self.held_bytes -= conn.reserved
+        conn.reserved = 0
+
+
 class ProtocolConnection(Connection):
     """A client of a memcached port (a server's or a proxy's): the input side that
     both share. Keeps what is incomplete (a line, a data block) and what a
@@ -5035,7 +5058,7 @@ HANDLERS = {name[4:].encode(): method for name, method in vars(ServerConnection)
 HANDLERS[b"bget"] = ServerConnection.cmd_get
 
 
-class Server:
+class Server(HeldInput):
     """`serve`: a Store and its UpdateLog behind a Listener, on an EventLoop.
 
     Construct with serve(); run() blocks until SIGTERM/SIGINT, `shutdown`
@@ -5064,7 +5087,6 @@ class Server:
         self.stats = dict.fromkeys(SERVER_COUNTERS, 0)
         self.connections = set()             # open ServerConnections
         self.batch_conns = []                # connections whose replies wait on the batch
-        self.held_bytes = 0                  # incomplete input held, all clients
         self.recovered = (0, 0, 0.0)         # (records replayed, items, seconds) at start
         self.started = now()
         self.loop = listener.loop
@@ -5114,21 +5136,9 @@ class Server:
         self.loop.close()
         log.info("stopped")
 
-    def reserve(self, conn, nbytes):
-        """Count nbytes of incomplete input (a data block, a long line) held for
-        conn, in all, against -m (at least HELD_BYTES_MIN); False, and nothing
-        changed, when they do not fit."""
-        more = nbytes - conn.reserved
-        if more > 0 and self.held_bytes + more > max(self.store.memory_limit, HELD_BYTES_MIN):
-            return False
-        self.held_bytes += more
-        conn.reserved = nbytes
-        return True
-
-    def release(self, conn):
-        """conn no longer holds an incomplete data block."""
-        self.held_bytes -= conn.reserved
-        conn.reserved = 0
+    def held_limit(self):
+        """Incomplete input counts against -m (at least HELD_BYTES_MIN)."""
+        return max(self.store.memory_limit, HELD_BYTES_MIN)
 
     def general_stats(self):
         """(name, value) pairs of `stats`: every name memcached 1.6.18 prints, in its
@@ -6692,7 +6702,7 @@ def http_render(request, status, raw, statuses):
     return b"".join(http_response(request, code or 500, detail=detail))
 
 
-class Proxy:
+class Proxy(HeldInput):
     """`proxy`: pools on one EventLoop, built from load_pools()/flag_pool() configs.
 
     path: the nutcracker.yml they came from (SIGHUP reads it again), or None.
@@ -6714,7 +6724,6 @@ class Proxy:
         self.extra_hosts = list(http_hosts)  # --http-host names
         self.http_hosts = None           # Host names allowed (set per listener below)
         self.stats = dict.fromkeys(PROXY_COUNTERS, 0)
-        self.held_bytes = 0              # incomplete requests held, all clients
         self.started = now()
         self.pools = {}                  # name -> Pool
         self.apply(configs)
@@ -6787,17 +6796,8 @@ class Proxy:
             return
         log.warning("reloaded %s: pools %s", self.path, ", ".join(self.pools))
 
-    def reserve(self, conn, nbytes):
-        more = nbytes - conn.reserved
-        if more > 0 and self.held_bytes + more > PROXY_HELD_BYTES:
-            return False
-        self.held_bytes += more
-        conn.reserved = nbytes
-        return True
-
-    def release(self, conn):
-        self.held_bytes -= conn.reserved
-        conn.reserved = 0
+    def held_limit(self):
+        return PROXY_HELD_BYTES
 
     def settings(self):
         """(name, value) pairs of `stats settings`."""

@@ -113,7 +113,24 @@ def wait_for(predicate, timeout, interval=0.05, what="condition"):
 
 # --------------------------------------------------------------------------- servers
 
-class ServerProcess:
+class Served:
+    """What tests use of anything serving on self.port: sessions, the tail of
+    log_text(), `with` (close() at the end)."""
+
+    def log_tail(self, n=3000):
+        return self.log_text()[-n:]
+
+    def session(self, timeout=IO_TIMEOUT):
+        return Session(self.port, timeout=timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ServerProcess(Served):
     """A server subprocess on 127.0.0.1:port, restartable on the same port."""
 
     label = "server"
@@ -194,17 +211,6 @@ class ServerProcess:
         except OSError:
             return ""
 
-    def log_tail(self, n=3000):
-        return self.log_text()[-n:]
-
-    def session(self, timeout=IO_TIMEOUT):
-        return Session(self.port, timeout=timeout)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class MemtoolServer(ServerProcess):
@@ -238,7 +244,7 @@ class MemcachedServer(ServerProcess):
                 "-U", "0", "-m", "256", "-o", opts, *self.extra]
 
 
-class ProxiedServer:
+class ProxiedServer(Served):
     """A memtool proxy on its own port in front of one backend server (memtool's
     memory engine, or real memcached): the suites that check a server's bytes
     run through it unchanged. Start/stop/restart act on both."""
@@ -286,17 +292,6 @@ class ProxiedServer:
     def log_text(self):
         return self.proxy.log_text() + self.backend.log_text()
 
-    def log_tail(self, n=3000):
-        return self.log_text()[-n:]
-
-    def session(self, timeout=IO_TIMEOUT):
-        return Session(self.port, timeout=timeout)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class ProxyProcess(ServerProcess):
