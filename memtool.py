@@ -117,6 +117,7 @@ DEFAULT_HOST = "127.0.0.1"          # never all interfaces unless asked
 DEFAULT_DATA_DIR = "./memtool-data"
 
 KEY_MAX_LENGTH = 250                # memcached KEY_MAX_LENGTH
+TEXT_KEY_UNSAFE = re.compile(rb"[\x00-\x20\x7f]")   # bytes a text-protocol key lacks
 LINE_MAX_BYTES = 2048               # no newline after this many bytes: drop the client
 MULTIGET_LINE_MAX_BYTES = 1 << 20   # our bound on a long get line (memcached has none)
 HTTP_HEAD_MAX_BYTES = 8192          # HTTP request line + headers; more is 431
@@ -1268,6 +1269,8 @@ class Continuum:
 OP_SET, OP_DELETE, OP_TOUCH, OP_FLUSH, OP_RTS = 1, 2, 3, 4, 5
 ST_STORED, ST_NOT_STORED, ST_EXISTS, ST_NOT_FOUND, ST_DELETED, ST_NON_NUMERIC = range(6)
 STAMP_SID_BITS = 32                     # stamp = microseconds << 32 | origin sid
+CLOCK_AHEAD_MAX_US = 86400 * 10 ** 6    # a remote stamp moves our clock at most this far
+                                        # past our time
 
 # Item.state bits, memcached's it_flags that the meta protocol shows.
 STALE = 1               # invalidated by `md I` or a stale `ms I` write (mg shows X)
@@ -1474,13 +1477,15 @@ class SqliteEngine:
         """Another connection to the same file, for the checkpoint writer thread."""
         return SqliteEngine(self.path[:-len(".sqlite3")], self.cache_bytes)
 
-    def scan(self, after, limit, whole=False):
+    def scan(self, after, limit, whole=False, max_bytes=None):
         """Up to `limit` (key, length, first RECORD_HEAD_BYTES) rows with key > after,
-        in key order; with `whole`, (key, record) pairs."""
-        return self.db.execute(
+        in key order; with `whole`, (key, record) pairs, ending with the one that
+        reaches max_bytes of records."""
+        cursor = self.db.execute(
             "SELECT key, %s FROM Dict WHERE key > CAST(? AS BLOB) ORDER BY key LIMIT ?"
             % ("value" if whole else "length(value), substr(value, 1, %d)" % RECORD_HEAD_BYTES),
-            (after, limit)).fetchall()
+            (after, limit))
+        return list(cursor) if max_bytes is None else take_bytes(cursor, max_bytes)
 
     def count(self):
         """(number of pairs, bytes of keys and values), the meta row included."""
@@ -1490,6 +1495,17 @@ class SqliteEngine:
 
     def close(self):
         self.db.close()
+
+
+def take_bytes(pairs, max_bytes):
+    """The (key, record) pairs up to the one with which the records reach max_bytes."""
+    out, size = [], 0
+    for pair in pairs:
+        out.append(pair)
+        size += len(pair[1])
+        if size >= max_bytes:
+            break
+    return out
 
 
 class DbmEngine:
@@ -1549,18 +1565,15 @@ class DbmEngine:
         if sync is not None:
             sync()
 
-    def scan(self, after, limit, whole=False):
+    def scan(self, after, limit, whole=False, max_bytes=None):
         if not after:
             self.scan_keys = sorted(self.db.keys())
         keys = self.scan_keys
         start = bisect.bisect_right(keys, after)
-        rows = []
-        for key in keys[start:start + limit]:
-            value = self.db.get(key)
-            if value is not None:
-                rows.append((key, value) if whole else
-                            (key, len(value), value[:RECORD_HEAD_BYTES]))
-        return rows
+        rows = ((key, self.db.get(key)) for key in keys[start:start + limit])
+        rows = ((key, value) if whole else (key, len(value), value[:RECORD_HEAD_BYTES])
+                for key, value in rows if value is not None)
+        return list(rows) if max_bytes is None else take_bytes(rows, max_bytes)
 
     def count(self):
         n = total = 0
@@ -1805,6 +1818,7 @@ class Store:
         meta = self._read_meta() if engine is not None else {}
         self.last_cas = meta.get("cas", 0)    # last cas unique handed out
         self.clock = meta.get("clock", 0)     # microseconds of the newest stamp seen
+        self.skew_warned = False              # a stamp far ahead was logged
         self.flush_stamp = meta.get("flush_stamp", 0)  # items stamped below it are flushed
         self.flush_last = meta.get("flush_last", 0)    # the stamp of the latest flush_all
         pending = meta.get("flush_pending") or (
@@ -2035,18 +2049,29 @@ class Store:
         cas unique, and applied as a client's write is; else nothing changes.
         Returns whether it was applied. Raises what the journal raises."""
         stamp, op, key = record.stamp, record.op & 0x0F, record.key
-        if stamp >> STAMP_SID_BITS > self.clock:
-            self.clock = stamp >> STAMP_SID_BITS     # so later local writes win over it
+        if stamp >> STAMP_SID_BITS > self.clock:      # so later local writes win over it,
+            ceiling = time.time_ns() // 1000 + CLOCK_AHEAD_MAX_US   # but not for ever
+            if stamp >> STAMP_SID_BITS > ceiling and not self.skew_warned:
+                log.warning("store: a change from sid %d is stamped %s, more than %d s ahead "
+                            "of our clock; check the servers' clocks (NTP)", record.sid,
+                            time.strftime("%Y-%m-%d %H:%M:%S",
+                                          time.gmtime(min(record.ts // 10 ** 6, 2 ** 35))),
+                            CLOCK_AHEAD_MAX_US // 10 ** 6)
+                self.skew_warned = True
+            self.clock = min(stamp >> STAMP_SID_BITS, ceiling)
         if op == OP_FLUSH:
             return self._flush(stamp, record.exptime, True)
-        if op not in (OP_SET, OP_DELETE, OP_TOUCH):
+        if op not in (OP_SET, OP_DELETE, OP_TOUCH) or not 0 < len(key) <= KEY_MAX_LENGTH:
             return False
         held, size = self._held(key)
         if stamp <= held or stamp < self.flush_stamp:
             return False
         if op == OP_SET:
-            self._write(key, record.flags, record.exptime, record.value, size,
-                        state=record.op >> 4 & PERSISTED_STATE, stamp=stamp)
+            state = record.op >> 4 & PERSISTED_STATE
+            if not state & KEY_BINARY and TEXT_KEY_UNSAFE.search(key):
+                state |= KEY_BINARY                  # meta echoes it base64
+            self._write(key, record.flags, record.exptime, record.value, size, state=state,
+                        stamp=stamp)
         elif op == OP_DELETE:
             self._journal(stamp, OP_DELETE, key, 0, 0, 0, b"")
             self._bury(key, size, stamp)
@@ -2600,9 +2625,10 @@ class StoreScan:
     """Every key a Store holds, once each, a chunk at a time while the store
     changes: full copies and digests (section 10) walk it.
 
-    chunk(limit) returns up to `limit` (key, Item) pairs, live items and
-    tombstones (TOMBSTONE state) as they are when the chunk is read, and []
-    at the end. Keys the engine may not have yet (those pending when the
+    chunk(limit, max_bytes) returns up to `limit` (key, Item) pairs and about
+    max_bytes of values, live items and tombstones (TOMBSTONE state) as they
+    are when the chunk is read; [] when a bounded read found none, `ended`
+    once all is read. Keys the engine may not have yet (those pending when the
     scan began) come first, then the engine's rows in key order; keys
     stored after the scan began may be missed (a copy sends the log from
     that point). Memory: the keys pending at the start (the memory engine:
@@ -2618,32 +2644,38 @@ class StoreScan:
         self.seen = frozenset(self.first) if store.engine is not None else frozenset()
         self.index = 0                     # next of `first`
         self.after = b""                   # last engine key returned
-        self.done = False
+        self.done = False                  # the engine's rows are all read
 
-    def chunk(self, limit):
-        store, out = self.store, []
-        while self.index < len(self.first) and len(out) < limit:
+    @property
+    def ended(self):
+        return self.index >= len(self.first) and (self.done or self.store.engine is None)
+
+    def chunk(self, limit, max_bytes):
+        store, out, size = self.store, [], 0
+        while self.index < len(self.first) and len(out) < limit and size < max_bytes:
             key = self.first[self.index]
             self.index += 1
             item = self._current(key, None)
             if item is not None:
                 out.append((key, item))
+                size += len(item.value)
         if out or self.done or store.engine is None:
             return out
         try:
-            rows = store.engine.scan(self.after, limit, whole=True)
+            found = store.engine.scan(self.after, limit, whole=True, max_bytes=max_bytes)
         except store.engine.errors as err:
             log.error("store: a scan cannot read the store: %s", err)
             raise STORE_UNREADABLE from None
-        self.done = len(rows) < limit
-        for key, record in rows:
+        for key, record in found:
             self.after = key
+            size += len(record)
             if len(key) > KEY_MAX_LENGTH or key in self.seen:
                 continue
             item = self._current(key, record)
             if item is not None:
                 out.append((key, item))
-        return out if out or self.done else self.chunk(limit)
+        self.done = len(found) < limit and size < max_bytes
+        return out
 
     def _current(self, key, record):
         """key's Item or tombstone as the store holds it now (record: its engine
@@ -2768,6 +2800,14 @@ def record_frame(record):
     value = record.value
     crc = zlib.crc32(value, zlib.crc32(head))
     return ULOG_FRAME.pack(ULOG_MAGIC, len(head) + len(value), crc), head, value
+
+
+def last_record_of(parts):
+    """(stamp, frame length) of the last record of a batch's frame parts
+    (record_frame's three per record)."""
+    header, head, value = parts[-3:]
+    ts, sid = ULOG_BODY.unpack_from(head)[:2]
+    return ts << STAMP_SID_BITS | sid, len(header) + len(head) + len(value)
 
 
 def next_record_at(buf, pos):
@@ -2949,6 +2989,7 @@ class UpdateLog:
         self.retain = retain         # ... and bytes more for replicas
         self.pending = []            # frame parts of the current batch's records
         self.last_batch = None       # (file name, offset, bytes) of the last batch written
+        self.last_record = None      # (stamp, frame length) of its last record
         self.last_ts = 0             # the newest file's start: names keep increasing
         self.unsynced = False        # written since the last fsync
         self.fd = None               # current file, opened by open()
@@ -2992,7 +3033,7 @@ class UpdateLog:
         """
         if not self.pending:
             return True
-        data = b"".join(self.pending)
+        data, last = b"".join(self.pending), last_record_of(self.pending)
         self.pending.clear()
         try:
             view = memoryview(data)
@@ -3003,7 +3044,7 @@ class UpdateLog:
         except OSError as err:
             self._fail(err, len(data), self.offset)
             return False
-        self.last_batch = (self.name, self.offset, data)
+        self.last_batch, self.last_record = (self.name, self.offset, data), last
         self.offset += len(data)
         self.unsynced = self.sync_mode != "always"
         if self.error is not None:
@@ -3190,6 +3231,7 @@ class MemoryBacklog:
         self.offset = 0                      # offset past the newest
         self.pending = []                    # frame parts of the batch in progress
         self.last_batch = None               # (name, offset, bytes) of the last batch
+        self.last_record = None              # (stamp, frame length) of its last record
 
     @property
     def position(self):
@@ -3202,7 +3244,7 @@ class MemoryBacklog:
         """End the batch; forget the oldest batches beyond the limit."""
         if not self.pending:
             return True
-        data = b"".join(self.pending)
+        data, self.last_record = b"".join(self.pending), last_record_of(self.pending)
         self.pending.clear()
         self.batches.append((self.offset, data))
         self.last_batch = (self.name, self.offset, data)
@@ -3880,7 +3922,6 @@ HTTP_ALLOW_ROOT = b"Allow: GET, HEAD\r\n"
 HTTP_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 HTTP_EXPTIME = re.compile(rb"-?[0-9]{1,10}\Z")
 PDMODES = {None: b"S", b"0": b"S", b"1": b"E", b"2": b"A"}  # Tokyo Tyrant X-TT-PDMODE
-TEXT_KEY_UNSAFE = re.compile(rb"[\x00-\x20\x7f]")          # bytes a text-protocol key lacks
 SERVER_COUNTERS = (
     "total_connections", "rejected_connections", "cmd_set", "cmd_flush",
     "cmd_touch", "cmd_meta", "get_hits", "get_misses", "delete_misses", "delete_hits",
@@ -4283,6 +4324,7 @@ class ServerConnection(ProtocolConnection):
         self.http_req = None         # the HTTP request being answered
         self.producer = None         # what writes to the connection instead of replies
                                      # (a replication stream): fill() when it drained
+        self.handed_over = False     # process() is another parser's now (rapply)
 
     def parse(self, data, start):
         """process(), noting when its replies depend on the batch the log has yet
@@ -4378,7 +4420,7 @@ class ServerConnection(ProtocolConnection):
                 if not self.noreply:
                     self.write(err.line)
             pos = after
-            if self.continuation is not None or self.producer is not None:
+            if self.continuation is not None or self.producer is not None or self.handed_over:
                 share = 0                      # a multiget took the rest of the share, or
                                                # the connection was taken over (section 10)
         else:
@@ -5232,7 +5274,7 @@ class Server(HeldInput):
                     conn.batch_kept()
                 if ulog.name != name and self.store.checkpoint_position:
                     ulog.prune(self.store.checkpoint_position, min(
-                        (f.position for f in self.followers if f.position), default=None))
+                        (f.position or f.copy_end for f in self.followers), default=None))
             else:
                 try:
                     self.store.rollback()
@@ -5240,9 +5282,12 @@ class Server(HeldInput):
                     for conn in self.batch_conns:
                         conn.refuse_batch(ulog.refusal)
         self.batch_conns.clear()
-        if self.followers:
-            for follower in list(self.followers):
+        for follower in list(self.followers):
+            try:
                 follower.fill()
+            except Exception:                 # one stream's fault ends that stream only
+                log.exception("replication to %s: ending the stream", follower.conn.addr)
+                follower.conn.close()
 
     def _tick(self):
         self.store.tick(now())
@@ -6896,17 +6941,21 @@ def placement_diff(old_configs, new_configs, keys=100000):
 # source's port (Tokyo Tyrant's -mhost/-mport, repcached's -x). It sends one
 # line:
 #
-#     repl <replica sid> <source sid> <file> <offset> [<stamp> <length>]\r\n
+#     repl <replica sid> <lost after> <lost before> <rts>\r\n
 #
-# the rest being its rts for this source ("- - 0" when it has none).
+# the rts being "<source sid> <file> <offset> [<stamp> <length>]" for this
+# source ("- - 0" when it has none). The lost window (µs; "0 0": none) is
+# the replica's clock when its start had recovered its store and the time
+# it started: a change of its own stamped between them is one it lost
+# (restored from a backup, a log tail cut by a crash); those come back.
 # The source answers one line, then frames until either side closes:
 #
 #     REPL <source sid>\r\n           the stream follows
 #     SERVER_ERROR <why>\r\n          refused (the same sid, a bad request); closed
 #
 # A record is a ulog frame (section 6), byte for byte as the source's log
-# holds it; the records whose origin is the replica (no echo) and OP_RTS
-# records are left out. Control frames go between them:
+# holds it; the records whose origin is the replica (no echo; but for its
+# lost window) and OP_RTS records are left out. Control frames go between them:
 #
 #     magic u8 0xCA, kind u8, length u32, crc32 u32 (zlib) of the body, body
 #
@@ -6915,8 +6964,8 @@ def placement_diff(old_configs, new_configs, keys=100000):
 #          (OP_SET) and tombstones (OP_DELETE), with their stamps, in no order.
 #     'P'  body "<file> <offset> [<stamp> <length>]": every record of the
 #          source's log before that position has been sent; the last of them
-#          has that stamp and frame length (absent after a full copy). The
-#          replica's new rts.
+#          has that stamp and frame length (absent when unknown: a copy
+#          of a log not written since it was opened). The replica's new rts.
 #     'H'  heartbeat, every REPL_HEARTBEAT_SECONDS, struct <QQQ>: the source's
 #          time (µs), bytes of its log not yet sent, records not yet sent
 #          (estimated from the bytes while the stream catches up).
@@ -6963,6 +7012,8 @@ NO_RTS = "- - 0"                        # the rts of a replica that has none
 REPL_RTS_SLACK_BYTES = 1 << 20          # with nothing applied, the rts is journaled
                                         # once it moved this far
 DIGEST_BITS = 12                        # `replicate --check`: buckets of the first level
+DIGEST_ENTRIES_MAX = 1 << 15            # prefixes << bits an rdigest may ask for
+DIGEST_KEYS_MAX_BYTES = 16 << 20        # an `rdigest keys` answer's bound
 DIGEST_ENTRY = struct.Struct("<IQ")     # per bucket: live items, sum of their digests
 DIGEST_KEY = struct.Struct("<QIBQH")    # per key: stamp (µs, sid), is a tombstone, digest,
                                         # key length
@@ -7015,6 +7066,8 @@ def parse_rts(text):
     if name == "-":
         return None, None, None
     position = [name, int(offset)]
+    if position[1] < 0:
+        raise ValueError(text)
     if not last:
         return int(sid), position, None
     stamp, length = map(int, last)
@@ -7024,11 +7077,11 @@ def parse_rts(text):
 
 
 def position_body(position, last=None):
-    """A 'P' frame's body: position [file, offset]; last: the Record and frame
-    length that end there."""
+    """A 'P' frame's body: position [file, offset]; last: (stamp, frame length)
+    of the record that ends there."""
     if last is None:
         return b"%s %d" % (position[0].encode(), position[1])
-    return b"%s %d %d %d" % (position[0].encode(), position[1], last[0].stamp, last[1])
+    return b"%s %d %d %d" % (position[0].encode(), position[1], *last)
 
 
 def format_stamp(stamp):
@@ -7063,15 +7116,17 @@ class ReplStream:
     where the next record is, None while copying.
     """
 
-    def __init__(self, server, conn, replica_sid, position, last, why_copy):
+    def __init__(self, server, conn, replica_sid, lost, position, last, why_copy):
         self.server = server
         self.conn = conn
-        self.replica_sid = replica_sid   # its records are not sent back
+        self.replica_sid = replica_sid   # its records are not sent back,
+        self.lost = lost                 # but for those stamped in (after, before) µs
         self.position = position         # [file, offset] in server.feed
         self.last = last                 # (stamp, length) the replica saw end there
         self.verified = False            # a read from the replica's position worked
         self.scan = None                 # the StoreScan of a full copy
         self.copy_end = None             # ... and the position the log resumes at
+        self.copy_last = None            # ... and (stamp, length) of the record before
         self.copied = 0                  # items sent by the copy
         self.copy_started = 0.0
         self.records = self.bytes = 0    # records (and bytes) of the log gone past
@@ -7146,12 +7201,13 @@ class ReplStream:
         self.position = end_position
         if not pairs:
             return 0
-        sid = self.replica_sid
+        sid, (after, before) = self.replica_sid, self.lost
         frames = [frame for record, frame in pairs
-                  if record.stamp & UINT32_MASK != sid and record.op & 0x0F != OP_RTS]
+                  if (record.stamp & UINT32_MASK != sid or after < record.ts < before)
+                  and record.op & 0x0F != OP_RTS]
         record, frame = pairs[-1]
         frames.append(control_frame(REPL_POSITION, position_body(
-            end_position, (record, len(frame)) if end_position[1] >= len(frame) else None)))
+            end_position, (record.stamp, len(frame)) if end_position[1] >= len(frame) else None)))
         self.conn.writelines(frames)
         self.records += len(pairs)
         size = sum(len(frame) for _, frame in pairs)
@@ -7175,7 +7231,9 @@ class ReplStream:
         """Begin a full copy; `level`: WARNING when a replica lost its place."""
         store = self.server.store
         self.scan = StoreScan(store)
-        self.copy_end, self.position, self.last = self.server.feed.position, None, None
+        feed = self.server.feed
+        self.copy_end, self.position, self.last = feed.position, None, None
+        self.copy_last = feed.last_record if self.copy_end[1] else None
         self.copied, self.copy_started = 0, time.monotonic()
         log.log(level, "replication to %s (sid %d): a full copy, because %s", self.conn.addr,
                 self.replica_sid, why)
@@ -7188,12 +7246,13 @@ class ReplStream:
         self.conn.writelines(parts)
 
     def _copy_step(self):
-        chunk = self.scan.chunk(REPL_COPY_ITEMS)
-        if not chunk:
+        chunk = self.scan.chunk(REPL_COPY_ITEMS, REPL_FILL_BYTES)
+        if not chunk and self.scan.ended:
             self.scan, self.position = None, self.copy_end
             log.info("replication to %s: the full copy is sent (%d items in %.1f s)",
                      self.conn.addr, self.copied, time.monotonic() - self.copy_started)
-            self.conn.write(control_frame(REPL_POSITION, position_body(self.position)))
+            self.conn.write(control_frame(REPL_POSITION, position_body(self.position,
+                                                                       self.copy_last)))
             return
         parts = []
         for key, item in chunk:
@@ -7221,19 +7280,19 @@ def _ignore(buf, pos=0):
 
 
 def cmd_repl(conn, tokens):
-    """`repl <replica sid> <rts>`: this connection becomes a ReplStream (the
-    section's comment). The same sid on both sides is refused."""
+    """`repl <replica sid> <lost after> <lost before> <rts>`: this connection
+    becomes a ReplStream (the section's comment). The same sid on both sides is refused."""
     server, store = conn.server, conn.server.store
     try:
-        if len(tokens) not in (5, 7):
+        if len(tokens) not in (7, 9):
             raise ValueError
-        replica_sid = int(tokens[1])
-        rts_sid, position, last = parse_rts(b" ".join(tokens[2:]).decode())
+        replica_sid, *lost = map(int, tokens[1:4])
+        rts_sid, position, last = parse_rts(b" ".join(tokens[4:]).decode())
         if not 0 <= replica_sid <= UINT32_MASK:
             raise ValueError
     except (ValueError, UnicodeError):
-        raise ClientError(b"usage: repl <replica sid> <source sid> <file> <offset> "
-                          b"[<stamp> <length>]") from None
+        raise ClientError(b"usage: repl <replica sid> <lost after> <lost before> <source sid> "
+                          b"<file> <offset> [<stamp> <length>]") from None
     if replica_sid == store.sid:
         log.error("replication: %s asks for our log with our own sid %d; refusing (give each "
                   "server its own --sid)", conn.addr, store.sid)
@@ -7247,7 +7306,7 @@ def cmd_repl(conn, tokens):
     elif rts_sid != store.sid:
         why = f"its position is in the log of sid {rts_sid}, not ours ({store.sid})"
     conn.write(b"REPL %d\r\n" % store.sid)
-    ReplStream(server, conn, replica_sid, position, last, why)
+    ReplStream(server, conn, replica_sid, lost, position, last, why)
 
 
 class RapplyInput:
@@ -7285,6 +7344,7 @@ def cmd_rapply(conn, tokens):
     """`rapply`: see RapplyInput; answers `RAPPLY <sid>` first."""
     conn.write(b"RAPPLY %d\r\n" % conn.server.store.sid)
     conn.process = RapplyInput(conn).process
+    conn.handed_over = True                   # what follows in this read is frames
 
 
 class DigestJob:
@@ -7306,6 +7366,7 @@ class DigestJob:
         self.scan = StoreScan(conn.server.store)
         self.entries = [0] * (2 ** bits * 2 * len(prefixes)) if bits is not None else None
         self.keys = []
+        self.size = 0                        # bytes of keys
         conn.producer = self
         conn.server.loop.call_soon(self.fill)
 
@@ -7319,7 +7380,7 @@ class DigestJob:
         if conn.closed or conn.producer is not self:
             return
         try:
-            chunk = self.scan.chunk(REPL_COPY_ITEMS)
+            chunk = self.scan.chunk(REPL_COPY_ITEMS, REPL_FILL_BYTES)
         except ProtocolError as err:          # the store cannot be read
             self._answer(err.line)
             return
@@ -7333,10 +7394,15 @@ class DigestJob:
                 self.keys.append(DIGEST_KEY.pack(item.stamp >> STAMP_SID_BITS,
                                                  item.stamp & UINT32_MASK, tombstone, digest,
                                                  len(key)) + key)
+                self.size += DIGEST_KEY.size + len(key)
+                if self.size > DIGEST_KEYS_MAX_BYTES:
+                    self._answer(b"SERVER_ERROR more than %d bytes of keys; ask for narrower "
+                                 b"prefixes\r\n" % DIGEST_KEYS_MAX_BYTES)
+                    return
             elif not tombstone:
                 self.entries[2 * index] += 1
                 self.entries[2 * index + 1] = (self.entries[2 * index + 1] + digest) & UINT64_MASK
-        if chunk:
+        if not self.scan.ended:
             conn.server.loop.call_soon(self.fill)
             return
         if self.entries is None:
@@ -7372,13 +7438,15 @@ def cmd_rdigest(conn, tokens):
     """`rdigest <bits>|keys <length>:<value>...`: see DigestJob."""
     try:
         bits = None if tokens[1] == b"keys" else int(tokens[1])
-        prefixes = [tuple(int(n) for n in t.split(b":")) for t in tokens[2:]]
+        prefixes = list(dict.fromkeys(tuple(int(n) for n in t.split(b":"))
+                                      for t in tokens[2:]))
         if not prefixes or (bits is not None and not 0 <= bits <= 16) or any(
                 len(p) != 2 or not 0 <= p[0] <= 32 - (bits or 0) or not 0 <= p[1] < 2 ** p[0]
-                for p in prefixes):
+                for p in prefixes) or len(prefixes) << (bits or 0) > DIGEST_ENTRIES_MAX:
             raise ValueError
     except (ValueError, IndexError):
-        raise ClientError(b"usage: rdigest <bits>|keys <length>:<value>...") from None
+        raise ClientError(b"usage: rdigest <bits>|keys <length>:<value>... (at most %d "
+                          b"entries)" % DIGEST_ENTRIES_MAX) from None
     DigestJob(conn, bits, prefixes)
 
 
@@ -7386,8 +7454,11 @@ def cmd_rfetch(conn, tokens):
     """`rfetch <key>...`: a `VALUE <key> 0 <n>` block per key the store holds (an item
     or a tombstone), its data the key's Record as a ulog frame; then END."""
     store = conn.server.store
+    keys = list(dict.fromkeys(tokens[1:]))
+    if len(keys) > CHECK_PREFIXES_PER_REQUEST:
+        raise ClientError(b"at most %d keys per rfetch" % CHECK_PREFIXES_PER_REQUEST)
     out = []
-    for key in tokens[1:]:
+    for key in keys:
         stamp = store.stamp_of(key)
         item = store.get(key, False)
         if item is not None:
@@ -7429,8 +7500,9 @@ class SourceLink:
     (frame() takes each), and when anything goes wrong (a refused connect, a
     bad frame, no heartbeat for REPL_TIMEOUT_SECONDS) logs why, drops the
     connection and tries again with backoff. Subclasses give sid (this
-    side's), rts() (the request's rts) and frame(kind, content, start, end):
-    each record and control frame but heartbeats, at self.buf[start:end].
+    side's), rts() (the request's rts), lost_window() and frame(kind,
+    content, start, end): each record and control frame but heartbeats, at
+    self.buf[start:end].
 
     state: connecting, copying, streaming or down; stats() the `stats` lines.
     """
@@ -7452,8 +7524,11 @@ class SourceLink:
         self.lag_seconds = 0.0
         self.last_ts = 0                 # ts of the newest record received
         self.copied = 0                  # records of the current full copy
-        self.record_max = ITEM_SIZE_MAX_DEFAULT + REPL_RECORD_SLACK
         loop.call_every(REPL_HEARTBEAT_SECONDS, self._watch)
+
+    def lost_window(self):
+        """(after, before) µs: changes of our own the source should send back."""
+        return 0, 0
 
     def connect(self):
         self.state, self.greeted = "connecting", False
@@ -7466,7 +7541,8 @@ class SourceLink:
             self._failed(str(err))
             return
         self.conn = _LinkConnection(self, address)
-        self.conn.write(b"repl %d %s\r\n" % (self.sid, self.rts().encode()))
+        self.conn.write(b"repl %d %d %d %s\r\n" % (self.sid, *self.lost_window(),
+                                                   self.rts().encode()))
 
     def received(self, data):
         self.heard = time.monotonic()
@@ -7483,7 +7559,7 @@ class SourceLink:
                 self._greet(bytes(buf[:eol]).rstrip(b"\r"))
                 pos = eol + 1
             while True:
-                found = read_frame(buf, pos, self.record_max)
+                found = read_frame(buf, pos, ULOG_RECORD_MAX)
                 if found is None:
                     break
                 kind, content, end = found
@@ -7491,6 +7567,8 @@ class SourceLink:
                 if not kind:
                     self.last_ts = content.ts
                 elif kind == REPL_HEARTBEAT_KIND:
+                    if len(content) != REPL_HEARTBEAT.size:
+                        raise LogCorrupt(f"a heartbeat of {len(content)} bytes")
                     now_us, self.bytes_behind, self.lag_records = REPL_HEARTBEAT.unpack(content)
                     self.lag_seconds = max(0, now_us - self.last_ts) / 1e6 \
                         if self.bytes_behind else 0.0
@@ -7504,10 +7582,16 @@ class SourceLink:
                     log.log(logging.WARNING if lost else logging.INFO,
                             "replication from %s: a full copy begins (%s)", self.name,
                             content.decode("utf-8", "replace"))
-                elif self.state == "copying":
-                    log.info("replication from %s: the full copy is in (%d records)",
-                             self.name, self.copied)
-                    self.state = "streaming"
+                else:                         # 'P': the rts to come
+                    try:
+                        parse_rts(f"{self.source_sid} {bytes(content).decode()}")
+                    except (ValueError, UnicodeError):
+                        raise LogCorrupt(f"a bad position {bytes(content[:80])!r}") from None
+                    self.retry = REPL_RETRY_MIN_SECONDS       # the link works
+                    if self.state == "copying":
+                        log.info("replication from %s: the full copy is in (%d records)",
+                                 self.name, self.copied)
+                        self.state = "streaming"
                 self.frame(kind, content, start, end)
                 if self.conn is None or self.conn.closed:
                     return
@@ -7551,7 +7635,6 @@ class SourceLink:
         if self.reason is not None:
             log.warning("replication from %s: connected again", self.name)
         self.reason = None
-        self.retry = REPL_RETRY_MIN_SECONDS
 
     def _failed(self, why):
         self.state = "down"
@@ -7563,7 +7646,9 @@ class SourceLink:
 
     def _watch(self):
         conn = self.conn
-        if conn is not None and not conn.closed and \
+        if conn is not None and conn.held:       # not read while the target drains
+            self.heard = time.monotonic()
+        elif conn is not None and not conn.closed and \
                 time.monotonic() - self.heard > REPL_TIMEOUT_SECONDS:
             conn.fail("timeout", f"nothing heard for {REPL_TIMEOUT_SECONDS:g} s")
 
@@ -7577,7 +7662,6 @@ class PeerLink(SourceLink):
         super().__init__(server.loop, host, port)
         self.server = server
         self.store = server.store
-        self.record_max = server.item_size_max + REPL_RECORD_SLACK
         self.batch_start = -1        # tracked in the server's open batch
         self.applied_since = False   # records applied since the rts was journaled
         self.connect()
@@ -7588,6 +7672,9 @@ class PeerLink(SourceLink):
 
     def rts(self):
         return self.store.rts.get(self.name, NO_RTS)
+
+    def lost_window(self):
+        return self.server.lost_window
 
     def frame(self, kind, content, start, end):
         store = self.store
@@ -7637,8 +7724,12 @@ def repl_stats(server):
 
 
 def start_peers(server, peers):
-    """Pull from each `host:port` of peers (serve --peer); `stats repl` from now on."""
+    """Pull from each `host:port` of peers (serve --peer); `stats repl` from now on.
+    Call it once the store is recovered: the lost window (section 10's
+    comment) runs from the recovered clock to now."""
     server.stat_groups["repl"] = lambda: repl_stats(server)
+    store = server.store
+    server.lost_window = (store.clock, store.stamp_now() >> STAMP_SID_BITS)
     if peers:
         server.start_backlog()
     for text in peers:

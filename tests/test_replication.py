@@ -156,6 +156,26 @@ def test_a_delete_outlives_an_older_write_on_disk(tmp_path):
     store.close()
 
 
+def test_a_scan_reads_a_bounded_part_per_chunk(tmp_path):
+    """Past a long run of flushed rows, and over big values, each chunk reads at
+    most SCAN_ROWS rows or about max_bytes; the scan still finds every live key."""
+    engine = memtool.open_engine("sqlite", str(tmp_path))
+    store = memtool.Store(engine, sid=3)
+    base = int(time.time() * 1e6)
+    for i in range(1200):
+        store.apply_remote(rec(base + i, 1, memtool.OP_SET, b"a%04d" % i, b"x"))
+    store.apply_remote(rec(base + 2000, 1, memtool.OP_FLUSH))
+    for i in range(20):
+        store.apply_remote(rec(base + 3000 + i, 1, memtool.OP_SET, b"z%02d" % i, b"v" * 50000))
+    store.checkpoint()
+    scan, chunks = memtool.StoreScan(store), []
+    while not scan.ended:
+        chunks.append([key for key, _ in scan.chunk(100, 200000)])
+    assert [key for chunk in chunks for key in chunk] == [b"z%02d" % i for i in range(20)]
+    assert chunks[0] == [] and max(map(len, chunks)) <= 5, chunks
+    store.close()
+
+
 def test_torn_tail_at_every_offset(tmp_path):
     """A crash may cut the newest ulog file anywhere: every whole record before the
     cut is replayed, the rest is cut off, and the stream reader tells "need more"
@@ -362,14 +382,18 @@ def test_a_replica_past_the_retained_log_gets_a_full_copy(servers):
         assert s.get(b"k7") is None and s.get(b"k4999") == b"%0100d" % 4999
 
 
+def write_fixed(srv, prefix):
+    """100 sets of the same size: their records too."""
+    with srv.session() as s:
+        s.send(b"".join(b"set %s%04d 0 0 8 noreply\r\n%08d\r\n" % (prefix, i, i)
+                        for i in range(100)))
+        s.sync()
+
+
 def test_a_source_restored_from_a_backup_gives_its_replica_a_full_copy(servers):
     """Tokyo Tyrant's flaw: a master whose log went back in time and wrote other
     records of the same sizes: the replica's offset lands on a record boundary."""
-    def write(srv, prefix):
-        with srv.session() as s:
-            s.send(b"".join(b"set %s%04d 0 0 8 noreply\r\n%08d\r\n" % (prefix, i, i)
-                            for i in range(100)))
-            s.sync()
+    write = write_fixed
     a = servers("a", "--sid", 1).start()
     b = servers("b", "--sid", 2, "--peer", "127.0.0.1:%d" % a.port).start()
     write(a, b"r")
@@ -390,6 +414,51 @@ def test_a_source_restored_from_a_backup_gives_its_replica_a_full_copy(servers):
     with b.session() as s:
         assert [s.get(b"t%04d" % i) for i in (0, 99)] == [b"00000000", b"00000099"]
     assert "follows other records than it applied" in a.log_text(), a.log_tail()
+
+
+def test_a_position_from_a_full_copy_is_checked_too(servers):
+    """The replica's only position came with a full copy: it names the record
+    before it as well, and the restored source's new records are not skipped."""
+    a = servers("a", "--sid", 1).start()
+    write_fixed(a, b"r")
+    assert a.stop() == 0
+    backup = a.data.parent / "backup"
+    shutil.copytree(a.data, backup)
+    a.start()
+    write_fixed(a, b"s")
+    b = servers("b", "--sid", 2, "--peer", "127.0.0.1:%d" % a.port).start()
+    wait_for(lambda: caught_up(b, a), 10, what="B's full copy")
+    assert b.stop() == 0 and a.stop() == 0
+    shutil.rmtree(a.data)
+    shutil.copytree(backup, a.data)
+    a.start()
+    write_fixed(a, b"t")                       # where the "s" records were
+    b.start()
+    wait_for(lambda: caught_up(b, a), CONVERGE_TIMEOUT, what="B caught up")
+    with b.session() as s:
+        assert [s.get(b"t%04d" % i) for i in (0, 99)] == [b"00000000", b"00000099"]
+
+
+def test_a_master_restored_from_a_backup_gets_its_lost_writes_back(servers):
+    """What B wrote after its backup lives on at A only: B's lost window brings
+    it back, and the pair converges."""
+    a, b = pair(servers)
+    write_fixed(b, b"r")
+    wait_for(lambda: caught_up(a, b), 10, what="A caught up")
+    assert b.stop() == 0
+    backup = b.data.parent / "backup"
+    shutil.copytree(b.data, backup)
+    b.start()
+    write_fixed(b, b"s")                              # lost by B's restore below
+    wait_for(lambda: caught_up(a, b), 10, what="A caught up")
+    assert b.stop() == 0
+    shutil.rmtree(b.data)
+    shutil.copytree(backup, b.data)
+    b.start()
+    with b.session() as s:
+        wait_for(lambda: s.get(b"s0099") == b"00000099", CONVERGE_TIMEOUT,
+                 what="B's lost writes back from A")
+    converged(a, b)
 
 
 def mixed_writes(srv, seed, stop, keys=40):
@@ -694,6 +763,7 @@ class FakeSource:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.tries = 0
+        self.requests = b""
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self):
@@ -704,7 +774,7 @@ class FakeSource:
                 return
             self.tries += 1
             try:
-                conn.recv(4096)
+                self.requests += conn.recv(4096)
                 conn.sendall(self.reply)
                 time.sleep(0.2)
             except OSError:
@@ -718,14 +788,19 @@ def good_frames():
     return frame, memtool.control_frame(memtool.REPL_POSITION, b"00000000000000000001.ulog 1")
 
 
-@pytest.mark.parametrize("damage", ["bad crc", "cut mid-record", "not memtool"])
+@pytest.mark.parametrize("damage", ["bad crc", "cut mid-record", "not memtool", "bad position",
+                                    "short heartbeat"])
 def test_a_bad_stream_is_dropped_and_retried(servers, damage):
     frame, position = good_frames()
     bad = bytearray(frame)
     bad[-1] ^= 0x01
     reply = {"bad crc": b"REPL 7\r\n" + frame + position + bytes(bad),
              "cut mid-record": b"REPL 7\r\n" + frame + position + frame[:len(frame) // 2],
-             "not memtool": b"VERSION 1.6.18\r\n"}[damage]
+             "not memtool": b"VERSION 1.6.18\r\n",
+             "bad position": b"REPL 7\r\n" + frame + position + frame +
+             memtool.control_frame(memtool.REPL_POSITION, b"oops"),
+             "short heartbeat": b"REPL 7\r\n" + frame + position +
+             memtool.control_frame(memtool.REPL_HEARTBEAT_KIND, b"\0" * 8)}[damage]
     fake = FakeSource(reply)
     b = servers("b", "--sid", 2, "--peer", "127.0.0.1:%d" % fake.port).start()
     with b.session() as s:
@@ -738,7 +813,38 @@ def test_a_bad_stream_is_dropped_and_retried(servers, damage):
     with b.session() as s:
         assert s.get(b"mine") == b"kept"
     fake.listener.close()
-    assert "retrying" in b.log_text()
+    assert "retrying" in b.log_text() and "Traceback" not in b.log_text(), b.log_tail()
+    assert b"oops" not in fake.requests             # a bad position is never asked for
+
+
+def test_hostile_replication_requests_are_refused_and_bounded(servers):
+    a = servers("a", "--sid", 1).start()
+    load(a, 50)
+    with a.session() as s:
+        s.call(b"repl 2 0 0 1 00000000000000000001.ulog -1\r\n",
+               b"CLIENT_ERROR usage: repl <replica sid> <lost after> <lost before> <source sid> "
+               b"<file> <offset> [<stamp> <length>]\r\n")
+        s.call(b"rdigest 16 " + b" ".join(b"1:%d" % (i % 2) for i in range(509)) + b"\r\n",
+               b"CLIENT_ERROR usage: rdigest <bits>|keys <length>:<value>... (at most 32768 "
+               b"entries)\r\n")                          # deduplicated: 2 << 16 entries
+        s.call(b"rfetch " + b" ".join(b"k%d" % i for i in range(101)) + b"\r\n",
+               b"CLIENT_ERROR at most 100 keys per rfetch\r\n")
+        s.send(b"rfetch k1 k1 nothing\r\n")
+        assert s.read_line().startswith(b"VALUE k1 0 ")
+        s.read_line()
+        s.expect(b"END\r\n")
+        far = rec(2 ** 64 - 1, 9, memtool.OP_SET, b"far", b"future")
+        s.call(b"rapply\r\n" + b"".join(memtool.record_frame(far)) +
+               memtool.control_frame(memtool.REPL_POSITION, b"x 1"),
+               b"RAPPLY 1\r\nOK x 1\r\n")               # in one write: the frames too
+    with a.session() as s:
+        s.set(b"after", b"still writable")               # the clock did not follow it
+    assert a.stop() == 0
+    a.start()
+    with a.session() as s:
+        s.set(b"after", b"and after a restart")
+        assert s.get(b"far") == b"future"
+    assert "ahead of our clock" in a.log_text()
 
 
 def test_check_lists_differences_and_repairs_them(servers):
