@@ -1569,10 +1569,11 @@ class DbmEngine:
         if not after:
             self.scan_keys = sorted(self.db.keys())
         keys = self.scan_keys
-        start = bisect.bisect_right(keys, after)
-        rows = ((key, self.db.get(key)) for key in keys[start:start + limit])
-        rows = ((key, value) if whole else (key, len(value), value[:RECORD_HEAD_BYTES])
-                for key, value in rows if value is not None)
+        rows = ((key, self.db.get(key))
+                for key in itertools.islice(keys, bisect.bisect_right(keys, after), None))
+        rows = itertools.islice(((key, value) if whole else
+                                 (key, len(value), value[:RECORD_HEAD_BYTES])
+                                 for key, value in rows if value is not None), limit)
         return list(rows) if max_bytes is None else take_bytes(rows, max_bytes)
 
     def count(self):
@@ -2025,7 +2026,7 @@ class Store:
         logged, so unconditionally and in log order; the inverse of journal."""
         stamp, op, key = record.stamp, record.op & 0x0F, record.key
         if stamp >> STAMP_SID_BITS > self.clock:
-            self.clock = stamp >> STAMP_SID_BITS
+            self._follow(record)
         if record.cas > self.last_cas:
             self.last_cas = record.cas
         if op == OP_SET:
@@ -2049,16 +2050,8 @@ class Store:
         cas unique, and applied as a client's write is; else nothing changes.
         Returns whether it was applied. Raises what the journal raises."""
         stamp, op, key = record.stamp, record.op & 0x0F, record.key
-        if stamp >> STAMP_SID_BITS > self.clock:      # so later local writes win over it,
-            ceiling = time.time_ns() // 1000 + CLOCK_AHEAD_MAX_US   # but not for ever
-            if stamp >> STAMP_SID_BITS > ceiling and not self.skew_warned:
-                log.warning("store: a change from sid %d is stamped %s, more than %d s ahead "
-                            "of our clock; check the servers' clocks (NTP)", record.sid,
-                            time.strftime("%Y-%m-%d %H:%M:%S",
-                                          time.gmtime(min(record.ts // 10 ** 6, 2 ** 35))),
-                            CLOCK_AHEAD_MAX_US // 10 ** 6)
-                self.skew_warned = True
-            self.clock = min(stamp >> STAMP_SID_BITS, ceiling)
+        if stamp >> STAMP_SID_BITS > self.clock:      # so later local writes win over it
+            self._follow(record)
         if op == OP_FLUSH:
             return self._flush(stamp, record.exptime, True)
         if op not in (OP_SET, OP_DELETE, OP_TOUCH) or not 0 < len(key) <= KEY_MAX_LENGTH:
@@ -2082,6 +2075,20 @@ class Store:
             self._write(key, item.flags, record.exptime, item.value, size,
                         state=item.state & PERSISTED_STATE, stamp=stamp)
         return True
+
+    def _follow(self, record):
+        """Move the clock up to another server's record (or one replayed), but
+        never more than CLOCK_AHEAD_MAX_US past our time: a stamp from a broken
+        clock must not stop our own stamps (they must fit in the log)."""
+        ceiling = time.time_ns() // 1000 + CLOCK_AHEAD_MAX_US
+        if record.ts > ceiling and record.sid != self.sid and not self.skew_warned:
+            log.warning("store: a change from sid %d is stamped %s, more than %d s ahead of "
+                        "our clock; check the servers' clocks (NTP)", record.sid,
+                        time.strftime("%Y-%m-%d %H:%M:%S",
+                                      time.gmtime(min(record.ts // 10 ** 6, 2 ** 35))),
+                        CLOCK_AHEAD_MAX_US // 10 ** 6)
+            self.skew_warned = True
+        self.clock = max(self.clock, min(record.ts, ceiling))
 
     def stamp_of(self, key):
         """The stamp of what key holds (an item, live or not, or a tombstone); 0 for
@@ -2652,14 +2659,15 @@ class StoreScan:
 
     def chunk(self, limit, max_bytes):
         store, out, size = self.store, [], 0
-        while self.index < len(self.first) and len(out) < limit and size < max_bytes:
+        stop = min(len(self.first), self.index + 4 * limit)    # dead keys count too
+        while self.index < stop and len(out) < limit and size < max_bytes:
             key = self.first[self.index]
             self.index += 1
             item = self._current(key, None)
             if item is not None:
                 out.append((key, item))
                 size += len(item.value)
-        if out or self.done or store.engine is None:
+        if out or self.done or store.engine is None or self.index < len(self.first):
             return out
         try:
             found = store.engine.scan(self.after, limit, whole=True, max_bytes=max_bytes)
@@ -5137,6 +5145,7 @@ class Server(HeldInput):
         self.feed = ulog                     # what replicas read: the ulog or a MemoryBacklog
         self.repl_backlog = repl_backlog     # bytes of such a MemoryBacklog
         self.followers = []                  # the replication streams served (section 10)
+        self.pruned_after = None             # the checkpoint's file at the last prune
         self.links = []                      # the peers pulled from (section 10)
         self.stat_groups = {}                # `stats <name>` -> pairs(), added by sections below
         listener.factory = self._accept
@@ -5272,8 +5281,10 @@ class Server(HeldInput):
                 self.store.commit(ulog.position)
                 for conn in self.batch_conns:
                     conn.batch_kept()
-                if ulog.name != name and self.store.checkpoint_position:
-                    ulog.prune(self.store.checkpoint_position, min(
+                checkpoint = self.store.checkpoint_position
+                if checkpoint and (ulog.name != name or checkpoint[0] != self.pruned_after):
+                    self.pruned_after = checkpoint[0]      # a rotation or a checkpoint
+                    ulog.prune(checkpoint, min(            # that moved to a later file
                         (f.position or f.copy_end for f in self.followers), default=None))
             else:
                 try:
