@@ -8850,11 +8850,21 @@ def build_parser():
     return parser
 
 
-def _cmd_serve(args):
-    if args.pid:
-        with open(args.pid, "w") as f:
+@contextlib.contextmanager
+def pid_file(path):
+    """Our pid in `path` (None: no file) while the block runs."""
+    if path:
+        with open(path, "w") as f:
             f.write(f"{os.getpid()}\n")
     try:
+        yield
+    finally:
+        if path:
+            os.remove(path)
+
+
+def _cmd_serve(args):
+    with pid_file(args.pid):
         server = serve(args.listen, args.port, args.data, args.engine, args.max_item_size,
                        args.max_conns, args.memory_limit, args.sync, args.ulog_limit,
                        args.ulog_keep, args.sid, args.enable_shutdown, args.reqs_per_event,
@@ -8868,9 +8878,6 @@ def _cmd_serve(args):
               f"engine), {items} items, {records} log records replayed in {seconds:.2f} s",
               flush=True)
         server.run()
-    finally:
-        if args.pid:
-            os.remove(args.pid)
     return 0
 
 
@@ -8881,6 +8888,10 @@ def _proxy_configs(args):
     if not args.servers:
         raise ConfigError("give -c FILE, or -s HOST:PORT (repeatable)")
     listen = args.listen if ":" in args.listen else f"{DEFAULT_HOST}:{args.listen}"
+    try:
+        parse_address(listen)
+    except ValueError as err:
+        raise ConfigError(f"-l: {err}") from None
     return [flag_pool(listen, args.servers, args.backups, hash=args.hash,
                       hash_tag=args.hash_tag, distribution=args.distribution,
                       timeout=args.timeout, auto_eject_hosts=args.auto_eject_hosts,
@@ -8908,10 +8919,7 @@ def _cmd_proxy(args):
     if args.explain is not None:
         print("\n".join(explain_key(configs, args.explain.encode())))
         return 0
-    if args.pid:
-        with open(args.pid, "w") as f:
-            f.write(f"{os.getpid()}\n")
-    try:
+    with pid_file(args.pid):
         proxy = Proxy(configs, args.conf_file, args.max_item_size, args.dirty_limit,
                       args.reqs_per_event, args.http, args.http_allow_origin, args.http_host)
         for pool in proxy.pools.values():
@@ -8920,9 +8928,6 @@ def _cmd_proxy(args):
                   f"{len(pool.servers)} servers, {len(pool.backups)} backups, hash "
                   f"{pool.config['hash']}, {pool.config['distribution']}", flush=True)
         proxy.run()
-    finally:
-        if args.pid:
-            os.remove(args.pid)
     return 0
 
 

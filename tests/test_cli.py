@@ -133,6 +133,9 @@ def test_option_errors_say_what_is_allowed(tmp_path):
     r = run_memtool("bench", "-s", "127.0.0.1:%d" % free_port(), "--json",
                     str(tmp_path / "no" / "such" / "dir.json"))
     assert r.returncode == 1 and b"No such file or directory" in r.stderr, r.stderr
+    r = run_memtool("proxy", "-l", "127.0.0.1:0", "-s", "127.0.0.1:1")
+    assert r.returncode == 1 and r.stderr == b"memtool: -l: not host:port: '127.0.0.1:0'\n", \
+        r.stderr
     out = run_memtool("bench", "--help").stdout.decode()
     options = [line.split()[0] for line in out.splitlines() if line.startswith("  -")]
     assert len(options) > 20
