@@ -1830,6 +1830,7 @@ class Store:
                                               # cas unique are flushed
         self.rts = meta.get("rts", {})        # source address -> "sid file offset" applied
         self.log_position = meta.get("ulog")  # [file name, offset] of the log's end
+        self.log_last = meta.get("ulog_last")  # [stamp, frame length] of the record before
         self.checkpoint_position = self.log_position  # what the engine covers
         self.sweep_after = b""                # sweep cursor: last key checked
         self.meta_dirty = False               # flush state changed since the checkpoint
@@ -2155,13 +2156,14 @@ class Store:
             self.writer = CheckpointWriter(engine)
             self.writer.start()
 
-    def commit(self, log_position=None, force=False):
-        """End of a batch, which the log now holds: note how far the log goes;
+    def commit(self, log_position=None, force=False, log_last=None):
+        """End of a batch, which the log now holds: note how far the log goes
+        (and log_last, the (stamp, frame length) of the record that ends there);
         checkpoint when one is due."""
         self.undo = None
         self._collect()
         if log_position is not None:
-            self.log_position = log_position
+            self.log_position, self.log_last = log_position, log_last
         if self.checkpoint_error is not None and self.now < self.checkpointed:
             return   # a failed checkpoint waits before it is tried again
         if force or len(self.pending) >= CHECKPOINT_ITEMS or (
@@ -2193,7 +2195,7 @@ class Store:
         meta = {"cas": self.last_cas, "clock": self.clock, "flush_stamp": self.flush_stamp,
                 "flush_last": self.flush_last, "flush_pending": self.flush_pending,
                 "flush_cas": self.flush_cas, "rts": dict(self.rts), "ulog": self.log_position,
-                "items": self.curr_items, "bytes": self.bytes}
+                "ulog_last": self.log_last, "items": self.curr_items, "bytes": self.bytes}
         self.writing, self.writing_position = batch, self.log_position
         self.writing_unknown = unknown
         if self.writer is not None:
@@ -5278,7 +5280,7 @@ class Server(HeldInput):
         else:
             name = ulog.name
             if ulog.flush():
-                self.store.commit(ulog.position)
+                self.store.commit(ulog.position, log_last=ulog.last_record)
                 for conn in self.batch_conns:
                     conn.batch_kept()
                 checkpoint = self.store.checkpoint_position
@@ -5317,14 +5319,17 @@ def recover(store, ulog, data_dir):
     """
     count = held = 0
     reader = LogReader(ulog.directory, store.log_position)
+    last = store.log_last
     try:
         for record in reader.records():
             store.tick(record.ts / 1e6)         # the log's clock: expiry, delayed flushes
             store.apply(record)
             count += 1
             held += len(record.value)
+            last = (record.stamp, ULOG_FRAME.size + ULOG_BODY.size + len(record.key)
+                    + len(record.value))
             if len(store.pending) >= CHECKPOINT_ITEMS or held >= store.memory_limit:
-                store.commit(reader.position, force=True)
+                store.commit(reader.position, force=True, log_last=last)
                 held = 0
     except LogDamaged as err:
         if not err.torn:
@@ -5336,10 +5341,12 @@ def recover(store, ulog, data_dir):
                     "cut short by a crash)", err.path, err.offset)
         ulog.cut(reader.name, reader.offset)
     ulog.open()
+    if ulog.position == reader.position:
+        ulog.last_record = last             # a replica's position names it (section 10)
     store.tick(now())
     # Also when nothing was replayed: after a power loss the store may name an
     # offset past what the log kept, and appends would go below it.
-    store.commit(ulog.position, force=True)
+    store.commit(ulog.position, force=True, log_last=ulog.last_record)
     return count
 
 
