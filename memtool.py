@@ -6982,8 +6982,8 @@ def placement_diff(old_configs, new_configs, keys=100000):
 #          (OP_SET) and tombstones (OP_DELETE), with their stamps, in no order.
 #     'P'  body "<file> <offset> [<stamp> <length>]": every record of the
 #          source's log before that position has been sent; the last of them
-#          has that stamp and frame length (absent when unknown: a copy
-#          of a log not written since it was opened). The replica's new rts.
+#          has that stamp and frame length (absent at the start of a
+#          file, or for a log from before stamps). The replica's new rts.
 #     'H'  heartbeat, every REPL_HEARTBEAT_SECONDS, struct <QQQ>: the source's
 #          time (µs), bytes of its log not yet sent, records not yet sent
 #          (estimated from the bytes while the stream catches up).
