@@ -1829,6 +1829,8 @@ class Store:
         self.flush_cas = meta.get("flush_cas", 0)  # rows from before stamps with a smaller
                                               # cas unique are flushed
         self.rts = meta.get("rts", {})        # source address -> "sid file offset" applied
+        self.lost = meta.get("lost")          # [after, before] µs: our changes a restore
+                                              # may have lost, until the peers sent them
         self.log_position = meta.get("ulog")  # [file name, offset] of the log's end
         self.log_last = meta.get("ulog_last")  # [stamp, frame length] of the record before
         self.checkpoint_position = self.log_position  # what the engine covers
@@ -2194,7 +2196,8 @@ class Store:
         self.meta_dirty = False
         meta = {"cas": self.last_cas, "clock": self.clock, "flush_stamp": self.flush_stamp,
                 "flush_last": self.flush_last, "flush_pending": self.flush_pending,
-                "flush_cas": self.flush_cas, "rts": dict(self.rts), "ulog": self.log_position,
+                "flush_cas": self.flush_cas, "rts": dict(self.rts), "lost": self.lost,
+                "ulog": self.log_position,
                 "ulog_last": self.log_last, "items": self.curr_items, "bytes": self.bytes}
         self.writing, self.writing_position = batch, self.log_position
         self.writing_unknown = unknown
@@ -6965,7 +6968,8 @@ def placement_diff(old_configs, new_configs, keys=100000):
 # source ("- - 0" when it has none). The lost window (µs; "0 0": none) is
 # the replica's clock when its start had recovered its store and the time
 # it started: a change of its own stamped between them is one it lost
-# (restored from a backup, a log tail cut by a crash); those come back.
+# (restored from a backup, a log tail cut by a crash); those come back. It
+# keeps the window (store meta "lost") until every peer has caught up once.
 # The source answers one line, then frames until either side closes:
 #
 #     REPL <source sid>\r\n           the stream follows
@@ -7548,6 +7552,9 @@ class SourceLink:
         """(after, before) µs: changes of our own the source should send back."""
         return 0, 0
 
+    def caught_up(self):
+        """The source said it has nothing more to send (a heartbeat)."""
+
     def connect(self):
         self.state, self.greeted = "connecting", False
         self.buf.clear()
@@ -7588,6 +7595,8 @@ class SourceLink:
                     if len(content) != REPL_HEARTBEAT.size:
                         raise LogCorrupt(f"a heartbeat of {len(content)} bytes")
                     now_us, self.bytes_behind, self.lag_records = REPL_HEARTBEAT.unpack(content)
+                    if not self.bytes_behind and self.state == "streaming":
+                        self.caught_up()
                     self.lag_seconds = max(0, now_us - self.last_ts) / 1e6 \
                         if self.bytes_behind else 0.0
                     continue
@@ -7680,6 +7689,7 @@ class PeerLink(SourceLink):
         super().__init__(server.loop, host, port)
         self.server = server
         self.store = server.store
+        self.served = False          # it caught up once since our start (caught_up())
         self.batch_start = -1        # tracked in the server's open batch
         self.applied_since = False   # records applied since the rts was journaled
         self.connect()
@@ -7692,7 +7702,15 @@ class PeerLink(SourceLink):
         return self.store.rts.get(self.name, NO_RTS)
 
     def lost_window(self):
-        return self.server.lost_window
+        return self.store.lost or (0, 0)
+
+    def caught_up(self):
+        """Every peer has sent what its log held when we asked: our lost window is
+        served (and forgotten at the next checkpoint)."""
+        self.served = True
+        if self.store.lost is not None and all(link.served for link in self.server.links):
+            self.store.lost = None
+            self.store.meta_dirty = True
 
     def frame(self, kind, content, start, end):
         store = self.store
@@ -7744,11 +7762,14 @@ def repl_stats(server):
 def start_peers(server, peers):
     """Pull from each `host:port` of peers (serve --peer); `stats repl` from now on.
     Call it once the store is recovered: the lost window (section 10's
-    comment) runs from the recovered clock to now."""
+    comment) runs from the recovered clock (or the start of a window not yet
+    served by every peer) to now."""
     server.stat_groups["repl"] = lambda: repl_stats(server)
-    store = server.store
-    server.lost_window = (store.clock, store.stamp_now() >> STAMP_SID_BITS)
     if peers:
+        store = server.store
+        after = store.clock if store.lost is None else min(store.lost[0], store.clock)
+        store.lost = [after, store.stamp_now() >> STAMP_SID_BITS]
+        store.meta_dirty = True
         server.start_backlog()
     for text in peers:
         server.links.append(PeerLink(server, *parse_address(text)))

@@ -468,6 +468,33 @@ def test_a_master_restored_from_a_backup_gets_its_lost_writes_back(servers):
     converged(a, b)
 
 
+def test_a_restored_master_keeps_asking_for_its_lost_writes_across_restarts(servers):
+    """B restored while its peer is down, then restarted before the peer is back:
+    the window of its lost writes was kept, and they still come back."""
+    a, b = pair(servers)
+    write_fixed(b, b"r")
+    wait_for(lambda: caught_up(a, b), 10, what="A caught up")
+    assert b.stop() == 0
+    backup = b.data.parent / "backup"
+    shutil.copytree(b.data, backup)
+    b.start()
+    write_fixed(b, b"s")
+    wait_for(lambda: caught_up(a, b), 10, what="A caught up")
+    assert b.stop() == 0 and a.stop() == 0
+    shutil.rmtree(b.data)
+    shutil.copytree(backup, b.data)
+    b.start()
+    with b.session() as s:
+        s.set(b"meanwhile", b"on b")
+    assert b.stop() == 0
+    a.start()
+    b.start()
+    with b.session() as s:
+        wait_for(lambda: s.get(b"s0099") == b"00000099", CONVERGE_TIMEOUT,
+                 what="B's lost writes back from A")
+    converged(a, b)
+
+
 def mixed_writes(srv, seed, stop, keys=40):
     """Sets, deletes, touches, appends, incrs and a flush_all on a shared key space."""
     rng = random.Random(seed)
