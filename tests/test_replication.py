@@ -393,25 +393,34 @@ def write_fixed(srv, prefix):
         s.sync()
 
 
+def back_up(srv):
+    """Stop srv and copy its data directory aside; returns the copy."""
+    assert srv.stop() == 0
+    copy = srv.data.parent / "backup"
+    shutil.copytree(srv.data, copy)
+    return copy
+
+
+def restore(srv, copy):
+    shutil.rmtree(srv.data)
+    shutil.copytree(copy, srv.data)
+
+
 def test_a_source_restored_from_a_backup_gives_its_replica_a_full_copy(servers):
     """Tokyo Tyrant's flaw: a master whose log went back in time and wrote other
     records of the same sizes: the replica's offset lands on a record boundary."""
-    write = write_fixed
     a = servers("a", "--sid", 1).start()
     b = servers("b", "--sid", 2, "--peer", "127.0.0.1:%d" % a.port).start()
-    write(a, b"r")
+    write_fixed(a, b"r")
     wait_for(lambda: caught_up(b, a), 10, what="B caught up")
-    assert a.stop() == 0
-    backup = a.data.parent / "backup"
-    shutil.copytree(a.data, backup)
+    copy = back_up(a)
     a.start()
-    write(a, b"s")                          # the writes the backup will not have
+    write_fixed(a, b"s")                    # the writes the backup will not have
     wait_for(lambda: caught_up(b, a), 10, what="B caught up")
     assert b.stop() == 0 and a.stop() == 0
-    shutil.rmtree(a.data)
-    shutil.copytree(backup, a.data)
+    restore(a, copy)
     a.start()
-    write(a, b"t")                          # as many bytes as the "s" writes
+    write_fixed(a, b"t")                    # as many bytes as the "s" writes
     b.start()
     wait_for(lambda: caught_up(b, a), CONVERGE_TIMEOUT, what="B caught up")
     with b.session() as s:
@@ -424,9 +433,7 @@ def test_a_position_from_a_full_copy_is_checked_too(servers):
     before it as well, and the restored source's new records are not skipped."""
     a = servers("a", "--sid", 1).start()
     write_fixed(a, b"r")
-    assert a.stop() == 0
-    backup = a.data.parent / "backup"
-    shutil.copytree(a.data, backup)
+    copy = back_up(a)
     a.start()
     write_fixed(a, b"s")
     a.kill9()                     # the record before the copy's position is found again,
@@ -436,8 +443,7 @@ def test_a_position_from_a_full_copy_is_checked_too(servers):
     b = servers("b", "--sid", 2, "--peer", "127.0.0.1:%d" % a.port).start()
     wait_for(lambda: caught_up(b, a), 10, what="B's full copy")
     assert b.stop() == 0 and a.stop() == 0
-    shutil.rmtree(a.data)
-    shutil.copytree(backup, a.data)
+    restore(a, copy)
     a.start()
     write_fixed(a, b"t")                       # where the "s" records were
     b.start()
@@ -446,49 +452,29 @@ def test_a_position_from_a_full_copy_is_checked_too(servers):
         assert [s.get(b"t%04d" % i) for i in (0, 99)] == [b"00000000", b"00000099"]
 
 
-def test_a_master_restored_from_a_backup_gets_its_lost_writes_back(servers):
+@pytest.mark.parametrize("peer_down", [False, True])
+def test_a_master_restored_from_a_backup_gets_its_lost_writes_back(servers, peer_down):
     """What B wrote after its backup lives on at A only: B's lost window brings
-    it back, and the pair converges."""
+    it back and the pair converges; also when B, restored while A is down,
+    restarts again before A is back (the window is kept)."""
     a, b = pair(servers)
     write_fixed(b, b"r")
     wait_for(lambda: caught_up(a, b), 10, what="A caught up")
-    assert b.stop() == 0
-    backup = b.data.parent / "backup"
-    shutil.copytree(b.data, backup)
+    copy = back_up(b)
     b.start()
     write_fixed(b, b"s")                              # lost by B's restore below
     wait_for(lambda: caught_up(a, b), 10, what="A caught up")
     assert b.stop() == 0
-    shutil.rmtree(b.data)
-    shutil.copytree(backup, b.data)
+    if peer_down:
+        assert a.stop() == 0
+    restore(b, copy)
     b.start()
-    with b.session() as s:
-        wait_for(lambda: s.get(b"s0099") == b"00000099", CONVERGE_TIMEOUT,
-                 what="B's lost writes back from A")
-    converged(a, b)
-
-
-def test_a_restored_master_keeps_asking_for_its_lost_writes_across_restarts(servers):
-    """B restored while its peer is down, then restarted before the peer is back:
-    the window of its lost writes was kept, and they still come back."""
-    a, b = pair(servers)
-    write_fixed(b, b"r")
-    wait_for(lambda: caught_up(a, b), 10, what="A caught up")
-    assert b.stop() == 0
-    backup = b.data.parent / "backup"
-    shutil.copytree(b.data, backup)
-    b.start()
-    write_fixed(b, b"s")
-    wait_for(lambda: caught_up(a, b), 10, what="A caught up")
-    assert b.stop() == 0 and a.stop() == 0
-    shutil.rmtree(b.data)
-    shutil.copytree(backup, b.data)
-    b.start()
-    with b.session() as s:
-        s.set(b"meanwhile", b"on b")
-    assert b.stop() == 0
-    a.start()
-    b.start()
+    if peer_down:
+        with b.session() as s:
+            s.set(b"meanwhile", b"on b")
+        assert b.stop() == 0
+        a.start()
+        b.start()
     with b.session() as s:
         wait_for(lambda: s.get(b"s0099") == b"00000099", CONVERGE_TIMEOUT,
                  what="B's lost writes back from A")
