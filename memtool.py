@@ -5389,6 +5389,9 @@ def serve(host=DEFAULT_HOST, port=DEFAULT_PORT, data_dir=DEFAULT_DATA_DIR, engin
     if memory_limit_mb is None:
         memory_limit_mb = MEMORY_LIMIT_MB_DEFAULT if engine == "memory" else READ_CACHE_MB_DEFAULT
     loop = loop or EventLoop()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):   # during recovery: noted, and
+            loop.add_signal_handler(signum, loop.stop)    # obeyed once the loop runs
     listener = Listener(loop, host, port, None)
     started = time.monotonic()
     prepare_data_dir(data_dir, engine)

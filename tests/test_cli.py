@@ -54,6 +54,24 @@ def test_signal_stops_cleanly(tmp_path, sig):
             idle.expect_closed()
 
 
+def test_sigterm_during_recovery_stops_cleanly_once_the_store_is_whole(tmp_path):
+    """The port listens before the log is replayed: a SIGTERM then is obeyed
+    when the replay is done (exit 0), not by dying half way (-15)."""
+    with MemtoolServer(tmp_path) as srv:
+        srv.start()
+        with srv.session(timeout=60) as s:
+            s.send(b"".join(b"set k%d 0 0 100 noreply\r\n%0100d\r\n" % (i, i)
+                            for i in range(100000)))
+            s.sync()
+        srv.kill9()                                   # a long log to replay
+        srv.start()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(STOP_TIMEOUT) == 0, srv.log_tail()
+        srv.start()
+        with srv.session() as s:
+            assert s.get(b"k99999") == b"%0100d" % 99999
+
+
 def test_pid_file_and_data_layout(tmp_path, engine):
     pid_file = tmp_path / "memtool.pid"
     with MemtoolServer(tmp_path, engine=engine, extra=["--pid", str(pid_file)]) as srv:
