@@ -1298,7 +1298,7 @@ STORE_COUNTERS = ("get_expired", "get_flushed", "evictions", "reclaimed", "total
                   "expired_unfetched", "evicted_unfetched")
 ENGINES = ("sqlite", "gnu", "ndbm", "dumb", "memory")
 ENGINE_FILE = "ENGINE"                  # in the data directory: which engine wrote it
-MISSING = object()                      # undo record: pending had no entry for the key
+MISSING = object()                      # no entry for the key (pending, writing, undo)
 DAMAGED_KEYS_LOGGED = 100               # undecodable rows named in the log, then counted
 CHECKPOINT_RETRY_SECONDS = 1.0          # a checkpoint the engine refused is tried again
 SQLITE_CACHE_MIN_BYTES = 2 << 20        # SQLite's page cache per connection: its default,
@@ -2387,23 +2387,32 @@ class Store:
         return ((item.exptime and item.exptime <= self.now) or item.stamp < self.flush_stamp
                 or (not item.stamp and item.cas < self.flush_cas))
 
+    def _unwritten(self, key):
+        """key's change the engine may not hold yet (pending, or being written by
+        a checkpoint): an Item, None for a delete, MISSING when there is none."""
+        item = self.pending.get(key, MISSING)
+        if item is MISSING and self.writing is not None:
+            item = self.writing.get(key, MISSING)
+        return item
+
+    def _read(self, how, key):
+        """how(key): the engine's get or head; a read the engine refuses is logged
+        and raised as STORE_UNREADABLE."""
+        try:
+            return how(key)
+        except self.engine.errors as err:
+            log.error("store: reading key %r failed: %s", key, err)
+            raise STORE_UNREADABLE from None
+
     def _load(self, key):
         if self.engine is None:
             return None
-        if key in self.pending:
-            item = self.pending[key]
-            if item is None or item.state & TOMBSTONE:
-                return None
-        elif self.writing is not None and key in self.writing:
-            item = self.writing[key]
+        item = self._unwritten(key)
+        if item is not MISSING:
             if item is None or item.state & TOMBSTONE:
                 return None
         else:
-            try:
-                record = self.engine.get(key)
-            except self.engine.errors as err:
-                log.error("store: reading key %r failed: %s", key, err)
-                raise STORE_UNREADABLE from None
+            record = self._read(self.engine.get, key)
             item = None if record is None else self._decode(key, record)
             if item is None or item.state & TOMBSTONE:
                 # Remember the miss: a get-heavy client asking for absent keys
@@ -2547,11 +2556,8 @@ class Store:
         None when there is none, MISSING when only the engine could tell."""
         item = self.cache.get(key)
         if item is None and self.engine is not None:
-            if key in self.pending:
-                item = self.pending[key]
-            elif self.writing is not None and key in self.writing:
-                item = self.writing[key]
-            else:
+            item = self._unwritten(key)
+            if item is MISSING:
                 return MISSING
         return item.size if item and not item.state & TOMBSTONE else None
 
@@ -2564,16 +2570,9 @@ class Store:
         if self.engine is None:
             tombstone = self.tombstones.get(key)
             return (tombstone.stamp if tombstone is not None else 0), None
-        if key in self.pending:
-            item = self.pending[key]
-        elif self.writing is not None and key in self.writing:
-            item = self.writing[key]
-        else:
-            try:
-                row = self.engine.head(key)
-            except self.engine.errors as err:
-                log.error("store: reading key %r failed: %s", key, err)
-                raise STORE_UNREADABLE from None
+        item = self._unwritten(key)
+        if item is MISSING:
+            row = self._read(self.engine.head, key)
             if row is None:
                 return 0, None
             try:
@@ -2698,17 +2697,10 @@ class StoreScan:
         if not item:
             if store.engine is None:
                 return store.tombstones.get(key)
-            if key in store.pending:
-                item = store.pending[key]
-            elif store.writing is not None and key in store.writing:
-                item = store.writing[key]
-            else:
+            item = store._unwritten(key)
+            if item is MISSING:
                 if record is None:
-                    try:
-                        record = store.engine.get(key)
-                    except store.engine.errors as err:
-                        log.error("store: reading key %r failed: %s", key, err)
-                        raise STORE_UNREADABLE from None
+                    record = store._read(store.engine.get, key)
                 item = None if record is None else store._decode(key, record)
             if item is None:
                 return None
