@@ -2129,8 +2129,7 @@ class Store:
         self.sweep_after = rows[-1][0] if len(rows) == limit else b""
         reaped = 0
         for key, length, head in rows:
-            if len(key) > KEY_MAX_LENGTH or key in self.pending or (
-                    self.writing is not None and key in self.writing):
+            if len(key) > KEY_MAX_LENGTH or self._unwritten(key) is not MISSING:
                 continue   # the meta record, or a key whose disk row is out of date
             try:
                 size, exptime, cas, stamp, tombstone = row_facts(key, length, head)
@@ -2142,7 +2141,7 @@ class Store:
                     if self.undoable:
                         self._keep(key)
                     self.pending[key] = None
-            elif stamp < self.flush_stamp or (not stamp and cas < self.flush_cas):
+            elif self._flushed(stamp, cas):
                 self._remove(key, size)
                 reaped += 1
             elif exptime and exptime <= self.now:
@@ -2382,10 +2381,13 @@ class Store:
         if self.engine is not None:
             self.pending[key] = item
 
+    def _flushed(self, stamp, cas):
+        """Killed by a flush_all: by its stamp, or by cas for rows from before stamps?"""
+        return stamp < self.flush_stamp or (not stamp and cas < self.flush_cas)
+
     def _dead(self, item):
-        """Expired or flushed (by stamp, or by cas for rows from before stamps)?"""
-        return ((item.exptime and item.exptime <= self.now) or item.stamp < self.flush_stamp
-                or (not item.stamp and item.cas < self.flush_cas))
+        """Expired or flushed?"""
+        return (item.exptime and item.exptime <= self.now) or self._flushed(item.stamp, item.cas)
 
     def _unwritten(self, key):
         """key's change the engine may not hold yet (pending, or being written by
@@ -2429,7 +2431,7 @@ class Store:
         return item
 
     def _reap(self, key, item):
-        if item.stamp < self.flush_stamp or (not item.stamp and item.cas < self.flush_cas):
+        if self._flushed(item.stamp, item.cas):
             self.get_flushed += 1
             self._remove(key, item.size)
             return
@@ -2473,8 +2475,8 @@ class Store:
             self.bytes -= old_size
         self.bytes += item.size
         self.total_items += 1
-        if self.tombstones and key in self.tombstones:
-            self.cache_bytes -= self._footprint(key, self.tombstones.pop(key))
+        if self.tombstones:
+            self._drop_tombstone(key)
         self._cache_put(key, item)
         if self.engine is not None:
             self.pending[key] = item
@@ -2520,13 +2522,17 @@ class Store:
         if self.engine is not None:
             self.pending[key] = tombstone
         elif tombstone is not None:
-            old = self.tombstones.pop(key, None)
-            if old is not None:
-                self.cache_bytes -= self._footprint(key, old)
+            self._drop_tombstone(key)
             self.tombstones[key] = tombstone
             self.cache_bytes += self._footprint(key, tombstone)
             if self.cache_bytes > self.memory_limit:
                 self._evict()
+
+    def _drop_tombstone(self, key):
+        """The memory engine forgets key's tombstone, if it has one."""
+        tombstone = self.tombstones.pop(key, None)
+        if tombstone is not None:
+            self.cache_bytes -= self._footprint(key, tombstone)
 
     def _sweep_tombstones(self, limit):
         """The memory engine's sweep: forget tombstones whose time is up (they are
@@ -2805,6 +2811,11 @@ def record_frame(record):
     value = record.value
     crc = zlib.crc32(value, zlib.crc32(head))
     return ULOG_FRAME.pack(ULOG_MAGIC, len(head) + len(value), crc), head, value
+
+
+def record_end(record):
+    """(stamp, frame length) of a Record: what a position just past it names."""
+    return record.stamp, ULOG_FRAME.size + ULOG_BODY.size + len(record.key) + len(record.value)
 
 
 def last_record_of(parts):
@@ -5314,17 +5325,16 @@ def recover(store, ulog, data_dir):
     """
     count = held = 0
     reader = LogReader(ulog.directory, store.log_position)
-    last = store.log_last
+    last = None                                 # the last record replayed
     try:
         for record in reader.records():
             store.tick(record.ts / 1e6)         # the log's clock: expiry, delayed flushes
             store.apply(record)
             count += 1
             held += len(record.value)
-            last = (record.stamp, ULOG_FRAME.size + ULOG_BODY.size + len(record.key)
-                    + len(record.value))
+            last = record
             if len(store.pending) >= CHECKPOINT_ITEMS or held >= store.memory_limit:
-                store.commit(reader.position, force=True, log_last=last)
+                store.commit(reader.position, force=True, log_last=record_end(last))
                 held = 0
     except LogDamaged as err:
         if not err.torn:
@@ -5336,8 +5346,8 @@ def recover(store, ulog, data_dir):
                     "cut short by a crash)", err.path, err.offset)
         ulog.cut(reader.name, reader.offset)
     ulog.open()
-    if ulog.position == reader.position:
-        ulog.last_record = last             # a replica's position names it (section 10)
+    if ulog.position == reader.position:     # a replica's position names it (section 10)
+        ulog.last_record = store.log_last if last is None else record_end(last)
     store.tick(now())
     # Also when nothing was replayed: after a power loss the store may name an
     # offset past what the log kept, and appends would go below it.

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,6 +113,31 @@ def wait_for(predicate, timeout, interval=0.05, what="condition"):
 
 
 # --------------------------------------------------------------------------- servers
+
+class FakeServer:
+    """A listener on a free 127.0.0.1 port whose thread hands each connection
+    to handle(conn); close() stops it. Set what handle() needs before
+    calling this __init__."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.handle(conn)
+
+    def handle(self, conn):
+        raise NotImplementedError
+
+    def close(self):
+        self.listener.close()
+
 
 class Served:
     """What tests use of anything serving on self.port: sessions, the tail of

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from support import (MEMCACHED_BIN, MEMTOOL, MemcachedServer, MemtoolServer, ProxyProcess,
-                     ServerProcess, Session, free_port, free_ports, wait_for)
+from support import (MEMCACHED_BIN, MEMTOOL, FakeServer, MemcachedServer, MemtoolServer,
+                     ProxyProcess, ServerProcess, Session, free_port, free_ports, wait_for)
 
 pytestmark = pytest.mark.memtool_only
 
@@ -279,25 +279,16 @@ def test_sighup_adds_a_server_while_clients_stay(tmp_path, procs):
         client.set(b"still", b"3")                   # the old configuration serves on
 
 
-class SlowServer(threading.Thread):
+class SlowServer(FakeServer):
     """A memcached stand-in that answers `get` with END after `delay` seconds and
     `mn` with MN; other lines (noreply sets and their data) get no reply."""
 
     def __init__(self, delay):
-        super().__init__(daemon=True)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen()
-        self.port = self.sock.getsockname()[1]
         self.delay = delay
+        super().__init__()
 
-    def run(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+    def handle(self, conn):
+        threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
     def serve(self, conn):
         buf = b""
@@ -321,7 +312,6 @@ class SlowServer(threading.Thread):
 def test_a_slow_backend_slows_only_its_own_keys(tmp_path, procs):
     fast = backends(procs, tmp_path, 1, "memory")[0]
     slow = SlowServer(2.0)
-    slow.start()
     proxy = procs(ProxyProcess(tmp_path / "p", ["-s", "127.0.0.1:%d" % fast.port, "-s",
                                                 "127.0.0.1:%d" % slow.port,
                                                 "--distribution", "modula"]))
@@ -342,7 +332,7 @@ def test_a_slow_backend_slows_only_its_own_keys(tmp_path, procs):
             other.call(b"get %s\r\n" % key, b"VALUE %s 0 1\r\nv\r\nEND\r\n" % key)
         assert time.monotonic() - started < 1.0     # not behind the 2 s backend
         waiting.expect(b"END\r\n", timeout=10)
-    slow.sock.close()
+    slow.close()
 
 
 def test_memory_bounded_under_a_client_that_does_not_read(tmp_path, procs):

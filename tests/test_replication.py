@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import memtool
-from support import (MEMCACHED_BIN, MEMTOOL, REPO, MemcachedServer, MemtoolServer, Session,
-                     free_ports, wait_for)
+from support import (MEMCACHED_BIN, MEMTOOL, REPO, FakeServer, MemcachedServer, MemtoolServer,
+                     Session, free_ports, wait_for)
 
 pytestmark = pytest.mark.memtool_only
 
@@ -533,35 +533,28 @@ def test_dual_master_converges(servers):
     assert items_a and items_a == {k: v[:2] for k, v in all_items(b, keys).items()}
 
 
-class Relay:
+class Relay(FakeServer):
     """A TCP relay in the test process: its port forwards to target_port; cut()
     drops every connection and refuses new ones until heal()."""
 
     def __init__(self, target_port):
         self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.open = True
         self.socks = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.open:
-                conn.close()
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                conn.close()
-                continue
-            self.socks += [conn, upstream]
-            for src, dst in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+    def handle(self, conn):
+        if not self.open:
+            conn.close()
+            return
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:
+            conn.close()
+            return
+        self.socks += [conn, upstream]
+        for src, dst in ((conn, upstream), (upstream, conn)):
+            threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
     @staticmethod
     def _pump(src, dst):
@@ -593,7 +586,7 @@ class Relay:
 
     def close(self):
         self.cut()
-        self.listener.close()
+        super().close()
 
 
 def test_a_partition_heals_by_the_stamp_rule(servers):
@@ -775,31 +768,24 @@ def test_replicate_refuses_an_rts_file_it_cannot_read(tmp_path):
         and "full copy" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-class FakeSource:
+class FakeSource(FakeServer):
     """A source that answers `repl` with what a test gives it, and counts the tries."""
 
     def __init__(self, reply):
         self.reply = reply
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.tries = 0
         self.requests = b""
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.tries += 1
-            try:
-                self.requests += conn.recv(4096)
-                conn.sendall(self.reply)
-                time.sleep(0.2)
-            except OSError:
-                pass
-            conn.close()
+    def handle(self, conn):
+        self.tries += 1
+        try:
+            self.requests += conn.recv(4096)
+            conn.sendall(self.reply)
+            time.sleep(0.2)
+        except OSError:
+            pass
+        conn.close()
 
 
 def good_frames():
@@ -832,7 +818,7 @@ def test_a_bad_stream_is_dropped_and_retried(servers, damage):
     b.restart()
     with b.session() as s:
         assert s.get(b"mine") == b"kept"
-    fake.listener.close()
+    fake.close()
     assert "retrying" in b.log_text() and "Traceback" not in b.log_text(), b.log_tail()
     assert b"oops" not in fake.requests             # a bad position is never asked for
 
