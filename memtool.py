@@ -4372,7 +4372,6 @@ class ServerConnection(ProtocolConnection):
         """Handle the complete commands in buf[pos:], up to this pass's share;
         return the offset of the rest."""
         end = len(buf)
-        handlers = HANDLERS
         outbuf, check_at = self.outbuf, self.check_at
         share = self.server.reqs_per_event
         if self.continuation is not None:
@@ -4385,11 +4384,9 @@ class ServerConnection(ProtocolConnection):
                 self.write(err.line)
             if self.continuation is not None:
                 share = 0                      # the rest of it first, in the next pass
-        find, append = buf.find, outbuf.append
-        store = self.store
-        store_get, store_set, cache_get = store.get, store.set, store.cache.get
+        store = self.store            # (methods called on objects, not bound once: at
+        cache = store.cache           # pipeline 1 the binding costs more than it saves)
         now, flush_stamp = store.now, store.flush_stamp
-        size_max = self.server.item_size_max - ITEM_HEADER_BYTES - 4
         hits = misses = sets = 0
         while pos < end and not self.closing:
             if len(outbuf) > check_at:
@@ -4403,30 +4400,30 @@ class ServerConnection(ProtocolConnection):
                 break
             # `get <key>` and `set <key> <flags> <exptime> <bytes>`, most of the
             # traffic, without the general framing; anything unusual takes it
-            eol = find(b"\n", pos)
+            eol = buf.find(b"\n", pos)
             head = buf[pos:pos + 4]
             if head == b"get ":
                 key = buf[pos + 4:eol - 1 if buf[eol - 1] == 13 else eol]
                 # (an int operand: `b" " in key` tries it as an int first, raising)
                 if eol > 0 and 0 < len(key) <= KEY_MAX_LENGTH and 32 not in key and 0 not in key:
                     pos = eol + 1
-                    item = cache_get(key)
+                    item = cache.get(key)
                     # Store.get for an item without exptime that no flush killed
                     if item and not item.exptime and item.stamp >= flush_stamp:
                         item.atime = now
                     else:
                         try:
-                            item = store_get(key)
+                            item = store.get(key)
                         except ProtocolError as err:      # the store cannot be read
-                            append(err.line)
+                            outbuf.append(err.line)
                             continue
                         if item is None:
                             misses += 1
-                            append(END)
+                            outbuf.append(END)
                             continue
                     hits += 1
-                    append(item.rendered)
-                    append(END)
+                    outbuf.append(item.rendered)
+                    outbuf.append(END)
                     continue
             elif head == b"set " and eol > 0 and not self.reserved:
                 tokens = buf[pos + 4:eol - 1 if buf[eol - 1] == 13 else eol].split(b" ")
@@ -4437,16 +4434,16 @@ class ServerConnection(ProtocolConnection):
                             and len(flags) < 10 and len(exptime) < 10 and len(nbytes) < 8
                             and flags.isdigit() and exptime.isdigit() and nbytes.isdigit()):
                         after = start + int(nbytes) + 2
-                        if (after <= end and buf[after - 2:after] == CRLF
-                                and after - start + len(key) <= size_max):
+                        if (after <= end and buf[after - 2:after] == CRLF and after - start
+                                + len(key) <= self.server.item_size_max - ITEM_HEADER_BYTES - 4):
                             pos = after
                             sets += 1
                             try:
-                                store_set(key, int(flags), int(exptime), buf[start:after - 2])
+                                store.set(key, int(flags), int(exptime), buf[start:after - 2])
                             except ProtocolError as err:  # the log refuses writes now
-                                append(err.line)
+                                outbuf.append(err.line)
                                 continue
-                            append(STORED)
+                            outbuf.append(STORED)
                             continue
             framed = frame_request(buf, pos)
             if framed is None:
@@ -4461,14 +4458,14 @@ class ServerConnection(ProtocolConnection):
                 if spec is None:
                     raise UNKNOWN
                 if after == start:
-                    handlers[spec.name](self, tokens)
+                    HANDLERS[spec.name](self, tokens)
                 else:
                     after, value = self._data_block(spec, tokens, args, buf, start, after)
                     if after is None:
                         self.need = framed[3] - pos
                         break
                     if value is not None:
-                        handlers[spec.name](self, tokens, args, value)
+                        HANDLERS[spec.name](self, tokens, args, value)
             except ProtocolError as err:
                 if not self.noreply:
                     self.write(err.line)
@@ -4483,10 +4480,12 @@ class ServerConnection(ProtocolConnection):
                 pos = self._yield(pos)
             elif self.closing:
                 pos = end
-        stats = self.stats
-        stats["get_hits"] += hits
-        stats["get_misses"] += misses
-        stats["cmd_set"] += sets
+        if hits:
+            self.stats["get_hits"] += hits
+        if misses:
+            self.stats["get_misses"] += misses
+        if sets:
+            self.stats["cmd_set"] += sets
         if outbuf and not self.queued:
             self._schedule()
         return pos
