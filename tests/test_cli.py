@@ -105,6 +105,26 @@ def test_memory_engine_evicts_least_recently_used(tmp_path):
             assert 0 < int(st["curr_items"]) < 105
 
 
+def test_memory_engine_counts_a_set_as_a_use(tmp_path):
+    """A key set again (never read) outlives keys stored once around it: a
+    replaced item keeps its place in the cache but gets the evictor's second
+    chance, as a read one does."""
+    with MemtoolServer(tmp_path, engine="memory", extra=["-m", "1"]) as srv:
+        srv.start()
+        with srv.session() as s:
+            value = b"v" * 10000
+            keys = [b"use%03d" % i for i in range(300)]      # 3 MB into a 1 MB cache
+            for i, k in enumerate(keys):
+                s.set(k, value)
+                if i % 10 == 0:                             # rewritten, never read;
+                    s.call(b"replace %s 0 0 %d\r\n%s\r\n" % (keys[0], len(value), value),
+                           b"STORED\r\n")                 # NOT_STORED once evicted
+            assert s.get(keys[0]) == value
+            assert s.get(keys[1]) is None
+            assert s.get(keys[-1]) == value
+            assert int(s.stats()["evictions"]) > 0
+
+
 def test_a_second_server_on_the_same_data_dir_is_refused(tmp_path):
     with MemtoolServer(tmp_path) as first:
         first.start()

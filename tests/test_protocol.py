@@ -264,6 +264,16 @@ def test_flush_all_immediate(server, kp):
         s.call(b"flush_all 1 2 3\r\n", b"ERROR\r\n")
 
 
+def test_flush_all_in_a_pipeline_of_plain_gets_and_sets(session):
+    """Plain get and set take a fast path; a flush_all between them in the same
+    write must still hide what was stored before it."""
+    session.call(b"set fp 0 0 1\r\n1\r\nget fp\r\nflush_all\r\nget fp\r\n"
+                 b"set fp 0 0 1\r\n2\r\nget fp\r\nset fp 0 0 1\r\n3\r\n",
+                 b"STORED\r\nVALUE fp 0 1\r\n1\r\nEND\r\nOK\r\nEND\r\n"
+                 b"STORED\r\nVALUE fp 0 1\r\n2\r\nEND\r\nSTORED\r\n")
+    session.call(b"get fp\r\n", b"VALUE fp 0 1\r\n3\r\nEND\r\n")
+
+
 def test_flush_all_delayed_and_replaced(server_factory):
     """flush_all 3 hits items stored before its deadline; a later flush_all 0 cancels it."""
     delayed, replaced = server_factory(), server_factory()
