@@ -2604,17 +2604,13 @@ class Store:
         cache = self.cache
         old = cache.get(key)
         cache[key] = item
-        if old is None:
-            if item:
-                item.placed = self.now
-            self.cache_bytes += self._footprint(key, item)
-        elif old and item:
-            item.placed = UNPLACED
+        if item:
+            item.placed = self.now if old is None else UNPLACED
+        if old and item:             # one item for another: only their replies differ
             self.cache_bytes += len(item.rendered) - len(old.rendered)
         else:
-            if item:
-                item.placed = UNPLACED
-            self.cache_bytes += self._footprint(key, item) - self._footprint(key, old)
+            self.cache_bytes += self._footprint(key, item) - (
+                0 if old is None else self._footprint(key, old))
         if self.cache_bytes > self.memory_limit:
             self._evict()
 
@@ -4402,9 +4398,10 @@ class ServerConnection(ProtocolConnection):
             # `get <key>` and `set <key> <flags> <exptime> <bytes>`, most of the
             # traffic, without the general framing; anything unusual takes it
             eol = buf.find(b"\n", pos)
+            stop = eol - 1 if eol > 0 and buf[eol - 1] == 13 else eol   # the line, no CR
             head = buf[pos:pos + 4]
             if head == b"get ":
-                key = buf[pos + 4:eol - 1 if buf[eol - 1] == 13 else eol]
+                key = buf[pos + 4:stop]
                 # (an int operand: `b" " in key` tries it as an int first, raising)
                 if eol > 0 and 0 < len(key) <= KEY_MAX_LENGTH and 32 not in key and 0 not in key:
                     pos = eol + 1
@@ -4427,20 +4424,21 @@ class ServerConnection(ProtocolConnection):
                     outbuf.append(END)
                     continue
             elif head == b"set " and eol > 0 and not self.reserved:
-                tokens = buf[pos + 4:eol - 1 if buf[eol - 1] == 13 else eol].split(b" ")
+                tokens = buf[pos + 4:stop].split(b" ")
                 if len(tokens) == 4:
                     key, flags, exptime, nbytes = tokens
                     start = eol + 1
                     if (0 < len(key) <= KEY_MAX_LENGTH and 0 not in key
                             and len(flags) < 10 and len(exptime) < 10 and len(nbytes) < 8
                             and flags.isdigit() and exptime.isdigit() and nbytes.isdigit()):
-                        after = start + int(nbytes) + 2
-                        if (after <= end and buf[after - 2:after] == CRLF and after - start
-                                + len(key) <= self.server.item_size_max - ITEM_HEADER_BYTES - 4):
+                        flags, nbytes = int(flags), int(nbytes)
+                        after = start + nbytes + 2
+                        if (after <= end and buf[after - 2:after] == CRLF
+                                and item_size_ok(key, flags, nbytes, self.server.item_size_max)):
                             pos = after
                             sets += 1
                             try:
-                                store.set(key, int(flags), int(exptime), buf[start:after - 2])
+                                store.set(key, flags, int(exptime), buf[start:after - 2])
                             except ProtocolError as err:  # the log refuses writes now
                                 outbuf.append(err.line)
                                 continue
