@@ -1776,16 +1776,17 @@ class Store:
     memory_limit: bytes. For the memory engine it bounds the items (least
     recently used are evicted, counted in `evictions`) and the tombstones
     (evicted first); for disk engines it bounds the read cache in front of
-    the engine. item_size_max: bytes, as memcached -I. journal(Record)
-    receives each effect before it is applied; with `undoable` it may refuse
-    it by raising (a ServerError while the log cannot be written): nothing
-    has changed then, and the changes journaled since the last commit() form
-    a batch that rollback() undoes. sid: this server's id, in the stamps of
-    its changes. tombstone_ttl: seconds a delete (or an expired item) is
-    remembered with its stamp, 0 = not at all. `now` is the store's clock
-    (unix seconds): the server sets it once per loop pass with tick(),
-    replay to each record's time. Raises StoreUnreadable when the engine's
-    meta record cannot be read.
+    the engine. item_size_max: bytes, as memcached -I. journal(stamp, op,
+    key, flags, exptime, cas, value), a Record's fields (no Record is made
+    on the busiest path), receives each effect before it is applied; with
+    `undoable` it may refuse it by raising (a ServerError while the log
+    cannot be written): nothing has changed then, and the changes journaled
+    since the last commit() form a batch that rollback() undoes. sid: this
+    server's id, in the stamps of its changes. tombstone_ttl: seconds a
+    delete (or an expired item) is remembered with its stamp, 0 = not at
+    all. `now` is the store's clock (unix seconds): the server sets it once
+    per loop pass with tick(), replay to each record's time. Raises
+    StoreUnreadable when the engine's meta record cannot be read.
     """
 
     def __init__(self, engine=None, memory_limit=MEMORY_LIMIT_MB_DEFAULT << 20,
@@ -2309,7 +2310,7 @@ class Store:
     def _journal(self, stamp, op, key, flags, exptime, cas, value):
         """Hand a new change to the journal, which may refuse it by raising."""
         if self.journal is not None:
-            self.journal(Record(stamp, op, key, flags, exptime, cas, value))
+            self.journal(stamp, op, key, flags, exptime, cas, value)
 
     def _keep(self, key):
         """Remember what is pending for key (and the counters) before the open
@@ -2469,8 +2470,8 @@ class Store:
             if not stamp:
                 stamp = self.stamp_now()
             if self.journal is not None:     # _journal() inline: the busiest path
-                self.journal(Record(stamp, OP_SET | (state & PERSISTED_STATE) << 4, key, flags,
-                                    exptime, cas, value))
+                self.journal(stamp, OP_SET | (state & PERSISTED_STATE) << 4, key, flags, exptime,
+                             cas, value)
         if self.undoable:
             self._keep(key)
         item = Item(key, flags, exptime, cas, value, state, stamp)
@@ -2806,10 +2807,10 @@ def _frame_end(buf, pos):
     return pos + ULOG_FRAME.size + ULOG_FRAME.unpack_from(buf, pos)[1]
 
 
-def record_frame(record):
-    """A Record as its frame, in parts: (frame header, body head with the key,
-    value); the crc32 runs over the parts, so the value is never copied."""
-    stamp, op, key, flags, exptime, cas, value = record
+def record_frame(stamp, op, key, flags, exptime, cas, value):
+    """A Record (its fields: record_frame(*record)) as its frame, in parts:
+    (frame header, body head with the key, value); the crc32 runs over the
+    parts, so the value is never copied."""
     head = ULOG_BODY.pack(stamp >> STAMP_SID_BITS, stamp & UINT32_MASK, op, flags, exptime,
                           cas, len(key)) + key
     crc = zlib.crc32(value, zlib.crc32(head))
@@ -3032,15 +3033,15 @@ class UpdateLog:
         """Cut a torn tail off file `name` at offset (before open())."""
         os.truncate(os.path.join(self.directory, name), offset)
 
-    def append(self, record):
-        """Queue one Record for this batch (written by flush()).
+    def append(self, *record):
+        """Queue one Record, given as its fields, for this batch (written by flush()).
 
         Raises OUT_OF_SPACE or LOG_UNWRITABLE while the log cannot be written,
         so the caller changes nothing it could not log.
         """
         if self.error is not None and not self.retrying and not self._retry():
             raise self.refusal
-        self.pending += record_frame(record)
+        self.pending += record_frame(*record)
 
     def flush(self):
         """Write the batch with one write(); fsync under --sync always; rotate.
@@ -3256,8 +3257,8 @@ class MemoryBacklog:
     def position(self):
         return [self.name, self.offset]
 
-    def append(self, record):
-        self.pending += record_frame(record)
+    def append(self, *record):
+        self.pending += record_frame(*record)
 
     def flush(self):
         """End the batch; forget the oldest batches beyond the limit."""
@@ -7304,10 +7305,10 @@ class ReplStream:
                 self.replica_sid, why)
         parts = [control_frame(REPL_COPY, why.encode())]
         if store.flush_stamp:
-            parts += record_frame(Record(store.flush_stamp, OP_FLUSH, b"", 0, 0, 0, b""))
+            parts += record_frame(store.flush_stamp, OP_FLUSH, b"", 0, 0, 0, b"")
         if store.flush_pending:
             stamp, deadline = store.flush_pending
-            parts += record_frame(Record(stamp, OP_FLUSH, b"", 0, deadline, 0, b""))
+            parts += record_frame(stamp, OP_FLUSH, b"", 0, deadline, 0, b"")
         self.conn.writelines(parts)
 
     def _copy_step(self):
@@ -7321,7 +7322,7 @@ class ReplStream:
             return
         parts = []
         for key, item in chunk:
-            parts += record_frame(item_record(key, item))
+            parts += record_frame(*item_record(key, item))
         self.copied += len(chunk)
         self.conn.writelines(parts)
 
@@ -7527,9 +7528,9 @@ def cmd_rfetch(conn, tokens):
         stamp = store.stamp_of(key)
         item = store.get(key, False)
         if item is not None:
-            frame = b"".join(record_frame(item_record(key, item)))
+            frame = b"".join(record_frame(*item_record(key, item)))
         elif stamp:
-            frame = b"".join(record_frame(Record(stamp, OP_DELETE, key, 0, 0, 0, b"")))
+            frame = b"".join(record_frame(stamp, OP_DELETE, key, 0, 0, 0, b""))
         else:
             continue
         out += (b"VALUE %b 0 %d\r\n" % (key, len(frame)), frame, CRLF)

@@ -187,8 +187,8 @@ def test_torn_tail_at_every_offset(tmp_path):
     ulog.open()
     base = int(time.time() * 1e6)
     for n in range(8):
-        ulog.append(rec(base + n, 1, memtool.OP_SET, b"key%d" % n, b"x" * (n * 7)))
-    ulog.append(rec(base + 9, 1, memtool.OP_DELETE, b"key3"))
+        ulog.append(*rec(base + n, 1, memtool.OP_SET, b"key%d" % n, b"x" * (n * 7)))
+    ulog.append(*rec(base + 9, 1, memtool.OP_DELETE, b"key3"))
     assert ulog.flush()
     name = ulog.name
     ulog.close()
@@ -790,7 +790,7 @@ class FakeSource(FakeServer):
 
 def good_frames():
     base = int(time.time() * 1e6)
-    frame = b"".join(memtool.record_frame(rec(base, 7, memtool.OP_SET, b"fk", b"fine")))
+    frame = b"".join(memtool.record_frame(*rec(base, 7, memtool.OP_SET, b"fk", b"fine")))
     return frame, memtool.control_frame(memtool.REPL_POSITION, b"00000000000000000001.ulog 1")
 
 
@@ -840,7 +840,7 @@ def test_hostile_replication_requests_are_refused_and_bounded(servers):
         s.read_line()
         s.expect(b"END\r\n")
         far = rec(2 ** 64 - 1, 9, memtool.OP_SET, b"far", b"future")
-        s.call(b"rapply\r\n" + b"".join(memtool.record_frame(far)) +
+        s.call(b"rapply\r\n" + b"".join(memtool.record_frame(*far)) +
                memtool.control_frame(memtool.REPL_POSITION, b"x 1"),
                b"RAPPLY 1\r\nOK x 1\r\n")               # in one write: the frames too
     a.kill9()                             # before a checkpoint: the start replays it
