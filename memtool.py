@@ -1285,7 +1285,8 @@ RECORD_STAMPED = 1 << 61                # ... then: a RECORD_STAMP follows the h
 RECORD_TOMBSTONE = 1 << 60              # ... the row is a tombstone
 RECORD_CAS_MASK = (1 << 60) - 1         # cas uniques never get near 2**60
 RECORD_STAMP = struct.Struct("<QI")     # the stamp: microseconds, origin sid
-RECORD_HEAD_BYTES = RECORD_HEADER.size + RECORD_STAMP.size   # what a scan reads of a row
+RECORD_STAMPED_HEAD = struct.Struct("<IqQQI")   # the two, packed at once (a stamped row's head)
+RECORD_HEAD_BYTES = RECORD_STAMPED_HEAD.size   # what a scan reads of a row
 META_KEY = b"memtool:meta:" + b"." * KEY_MAX_LENGTH  # longer than any client key
 CACHE_ITEM_OVERHEAD = 320               # bytes of Python objects per cached item beyond its
                                         # key and reply bytes (measured: 474 per 100-byte item)
@@ -1388,9 +1389,11 @@ class Item:
         cas = self.cas | (self.state & PERSISTED_STATE) << RECORD_STATE_SHIFT | RECORD_STAMPED
         if self.state & TOMBSTONE:
             cas |= RECORD_TOMBSTONE
-        return b"".join((RECORD_HEADER.pack(self.flags, self.exptime, cas),
-                         RECORD_STAMP.pack(self.stamp >> STAMP_SID_BITS, self.stamp & UINT32_MASK),
-                         memoryview(self.rendered)[self.vstart:-2]))
+        # one pack and a slice: half the time of a join of three parts (checkpoints
+        # make one per changed key, holding the GIL)
+        stamp = self.stamp
+        return (RECORD_STAMPED_HEAD.pack(self.flags, self.exptime, cas, stamp >> STAMP_SID_BITS,
+                                         stamp & UINT32_MASK) + self.rendered[self.vstart:-2])
 
     @classmethod
     def from_record(cls, key, record):
