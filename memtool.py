@@ -1749,8 +1749,9 @@ def write_checkpoint(engine, batch, unknown, meta):
                     bytes=meta["bytes"] + corrections[1])
         # in key order: neighbouring rows share B-tree pages (about 1.5x faster);
         # keys, not items, sorted: the sort holds the GIL (50,000 keys: 11 ms, not 26)
-        puts = itertools.chain(((key, batch[key].record()) for key in sorted(batch)
-                                if batch[key] is not None),
+        in_order = ((key, batch[key]) for key in sorted(batch))
+        puts = itertools.chain(((key, item.record()) for key, item in in_order
+                                if item is not None),
                                ((META_KEY, json.dumps(meta).encode()),))
         engine.write(puts, [key for key, item in batch.items() if item is None])
     except engine.errors as err:
