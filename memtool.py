@@ -2564,13 +2564,12 @@ class Store:
         old = self.cache.get(key)
         if old is None and self.engine is not None:
             old = self._unwritten(key)
-            if old is MISSING:
-                item = self._write(key, flags, exptime, value, None, cas, state, stamp)
-                self.unknown.add(key)
-                return item
-        return self._write(key, flags, exptime, value,
-                           old.size if old and not old.state & TOMBSTONE else None,
+        known = old is not MISSING and old and not old.state & TOMBSTONE
+        item = self._write(key, flags, exptime, value, old.size if known else None,
                            cas, state, stamp)
+        if old is MISSING:               # after _write: a refused write adds nothing
+            self.unknown.add(key)
+        return item
 
     def _held(self, key):
         """(stamp, size) of what key holds: an item, live or not (size as it
